@@ -1,0 +1,7 @@
+"""openglm: GLM (General Language Model, Du et al., ACL 2022) on plain PyTorch."""
+
+from openglm.config import PRESETS, GLMConfig, pad_vocab_size
+from openglm.model import GLMModel, GLMOutput, KVCache
+
+__all__ = ["GLMConfig", "GLMModel", "GLMOutput", "KVCache", "PRESETS", "pad_vocab_size"]
+__version__ = "0.1.0"

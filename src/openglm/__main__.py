@@ -1,0 +1,3 @@
+from openglm.cli import main
+
+main()

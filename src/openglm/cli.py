@@ -1,0 +1,39 @@
+"""`openglm <verb>`: a table from verbs to typed library functions; flags and help come from signatures and
+docstrings (jsonargparse). Errors in user input end the process with one line, not a traceback."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from openglm.convert import convert
+
+
+def _commands() -> dict[str, Any]:
+    table: dict[str, Any] = {
+        "convert": convert,
+    }
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    from jsonargparse import CLI
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        result = CLI(_commands(), args=argv, as_positional=True)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, UnicodeDecodeError) as err:
+        print(f"openglm: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("openglm: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    _print_result(result)
+
+
+def _print_result(result: object) -> None:
+    if result is None or isinstance(result, Callable):
+        return
+    print(result)

@@ -1,0 +1,171 @@
+"""GLMModel: parity with the official forward passes (fixtures) and the invariants of the Part A/B masks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from openglm import GLMConfig, GLMModel
+from openglm.model import build_attention_mask
+from tests.conftest import reference_dir
+
+ATOL = 1e-4
+
+
+def _model_cases() -> list[str]:
+    root = reference_dir() / "model"
+    if not root.is_dir():
+        return ["<missing>"]
+    return sorted(p.name for p in root.iterdir() if (p / "expected.safetensors").is_file())
+
+
+@pytest.fixture(params=_model_cases())
+def case(request, reference):
+    folder = reference / "model" / request.param
+    if not folder.is_dir():
+        pytest.skip(f"no model fixtures under {reference / 'model'}")
+    cfg = GLMConfig.from_file(folder / "config.json")
+    model = GLMModel(cfg).eval()
+    model.load_state_dict(load_file(str(folder / "weights.safetensors")))
+    return folder, model, load_file(str(folder / "inputs.safetensors")), load_file(str(folder / "expected.safetensors"))
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+@torch.no_grad()
+def test_forward_sep_vector_scalar_and_4d_mask(case):
+    _, model, inp, exp = case
+    ids, pos = inp["input_ids"], inp["position_ids"]
+    assert _max_diff(model(ids, pos, inp["sep"]).logits, exp["logits_sep_vector"]) < ATOL
+    assert _max_diff(model(ids, pos, inp["sep_scalar"]).logits, exp["logits_sep_scalar"]) < ATOL
+    assert _max_diff(model(ids, pos, inp["attention_mask_4d"]).logits, exp["logits_mask_4d"]) < ATOL
+    assert _max_diff(model(ids, pos, inp["sep"], use_cache=True).logits, exp["logits_return_memory"]) < ATOL
+
+
+@torch.no_grad()
+def test_incremental_decoding_matches_official_memory(case):
+    _, model, inp, exp = case
+    out = model(inp["inc_context_ids"], inp["inc_context_position_ids"], inp["inc_context_sep"], use_cache=True)
+    assert _max_diff(out.logits, exp["inc_context_logits"]) < ATOL
+    cache = out.cache
+    steps = inp["inc_step_ids"].shape[1]
+    for k in range(steps):
+        step = model(inp["inc_step_ids"][:, k : k + 1], inp["inc_step_position_ids"][..., k : k + 1], inp["inc_step_sep"], cache=cache)
+        assert _max_diff(step.logits[:, -1], exp["inc_step_logits"][k]) < ATOL
+    full = model(inp["inc_full_ids"], inp["inc_full_position_ids"], inp["inc_full_sep"])
+    assert _max_diff(full.logits, exp["inc_full_logits"]) < ATOL
+    assert cache.length == inp["inc_full_ids"].shape[1]
+
+
+@torch.no_grad()
+def test_cache_equals_full_forward_with_chunks():
+    torch.manual_seed(0)
+    model = GLMModel(GLMConfig.from_name("tiny")).eval()
+    B, T, sep = 2, 20, 12
+    ids = torch.randint(0, 256, (B, T))
+    pos = torch.stack([torch.arange(T).expand(B, T), (torch.arange(T) - sep + 1).clamp(min=0).expand(B, T)], dim=1)
+    full = model(ids, pos, sep).logits
+    out = model(ids[:, :sep], pos[..., :sep], sep, use_cache=True)
+    chunks = [out.logits]
+    cache = out.cache
+    for start, end in [(sep, sep + 3), (sep + 3, sep + 4), (sep + 4, T)]:
+        chunks.append(model(ids[:, start:end], pos[..., start:end], 0, cache=cache).logits)
+    assert _max_diff(torch.cat(chunks, dim=1), full) < 1e-5
+
+
+@torch.no_grad()
+def test_part_a_never_sees_part_b_and_b_is_causal():
+    torch.manual_seed(1)
+    model = GLMModel(GLMConfig.from_name("tiny")).eval()
+    T, sep = 16, 9
+    ids = torch.randint(0, 256, (1, T))
+    pos = torch.stack([torch.arange(T), (torch.arange(T) - sep + 1).clamp(min=0)]).unsqueeze(0)
+    base = model(ids, pos, sep).logits
+    changed = ids.clone()
+    changed[0, 12:] = (changed[0, 12:] + 7) % 256
+    other = model(changed, pos, sep).logits
+    assert torch.equal(base[:, :12], other[:, :12])  # Part A and earlier Part B tokens untouched
+    assert _max_diff(base[:, 12:], other[:, 12:]) > 1e-3
+    changed_a = ids.clone()
+    changed_a[0, 2] = (changed_a[0, 2] + 1) % 256
+    assert _max_diff(model(changed_a, pos, sep).logits[:, :2], base[:, :2]) > 1e-4  # A is bidirectional
+
+
+def test_build_mask_semantics():
+    m = build_attention_mask(torch.tensor([2, 0]), 2, 4, 0, torch.device("cpu"))[:, 0]
+    assert m[0].int().tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+    assert m[1].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+    cached = build_attention_mask(0, 1, 2, 3, torch.device("cpu"))[0, 0]
+    assert cached.int().tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    with pytest.raises(ValueError, match="attention_mask"):
+        build_attention_mask(torch.zeros(3), 2, 4, 0, torch.device("cpu"))
+
+
+def test_logits_mask_selects_positions():
+    torch.manual_seed(2)
+    model = GLMModel(GLMConfig.from_name("tiny")).eval()
+    ids = torch.randint(0, 256, (2, 10))
+    pos = torch.stack([torch.arange(10).expand(2, 10), torch.zeros(2, 10, dtype=torch.long)], dim=1)
+    sel = torch.zeros(2, 10, dtype=torch.bool)
+    sel[0, 3] = sel[1, 7] = True
+    with torch.no_grad():
+        full = model(ids, pos, 10).logits
+        part = model(ids, pos, 10, logits_mask=sel).logits
+    assert part.shape == (2, 256)
+    assert torch.allclose(part, full[sel], atol=1e-6)
+
+
+def test_position_ids_shape_errors():
+    model = GLMModel(GLMConfig.from_name("tiny"))
+    with pytest.raises(ValueError, match=r"\[B, 2, T\]"):
+        model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("mode", ["autocast", "pure"])
+def test_bf16_runs_and_stays_close(mode):
+    torch.manual_seed(3)
+    model = GLMModel(GLMConfig.from_name("tiny")).eval()
+    ids = torch.randint(0, 256, (2, 12))
+    pos = torch.stack([torch.arange(12).expand(2, 12), torch.zeros(2, 12, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        ref = model(ids, pos, 6).logits
+        if mode == "autocast":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(ids, pos, 6).logits
+        else:
+            out = model.to(torch.bfloat16)(ids, pos, 6).logits
+    assert torch.isfinite(out.float()).all()
+    assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_deepnorm_bounded_update_at_depth():
+    """DeepNorm's point: one optimizer step changes the output by a depth-independent amount, while a
+    post-LN residual stack without it moves more as depth grows."""
+
+    def update_size(scheme: str, layers: int, alpha: float | None = None, beta: float | None = None) -> float:
+        torch.manual_seed(0)
+        cfg = GLMConfig(num_layers=layers, hidden_size=32, num_attention_heads=4, vocab_size=128,
+                        max_sequence_length=32, norm_scheme=scheme, deepnorm_alpha=alpha, deepnorm_beta=beta,
+                        embedding_dropout_prob=0.0,
+                        attention_dropout_prob=0.0, output_dropout_prob=0.0)
+        model = GLMModel(cfg)
+        ids = torch.randint(0, 128, (4, 16))
+        pos = torch.stack([torch.arange(16).expand(4, 16), torch.zeros(4, 16, dtype=torch.long)], dim=1)
+        before = model(ids, pos, 16, return_hidden=True).hidden_states.detach()
+        loss = model(ids, pos, 16).logits.logsumexp(-1).mean()
+        loss.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    p -= 1e-3 * p.grad.sign()  # Adam-like step of fixed size per parameter
+        after = model(ids, pos, 16, return_hidden=True).hidden_states.detach()
+        return ((after - before).norm() / before.norm()).item()
+
+    deep = update_size("deepnorm", 48)
+    shallow = update_size("deepnorm", 6)
+    assert deep < 3 * shallow  # bounded as depth grows 8x
+    plain_post_ln = update_size("deepnorm", 48, alpha=1.0, beta=1.0)  # post-LN without DeepNorm
+    assert deep < 0.5 * plain_post_ln
