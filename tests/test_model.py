@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
+from tests.conftest import reference_dir
 
 from openglm import GLMConfig, GLMModel
 from openglm.model import build_attention_mask
-from tests.conftest import reference_dir
 
 ATOL = 1e-4
 
@@ -28,7 +28,12 @@ def case(request, reference):
     cfg = GLMConfig.from_file(folder / "config.json")
     model = GLMModel(cfg).eval()
     model.load_state_dict(load_file(str(folder / "weights.safetensors")))
-    return folder, model, load_file(str(folder / "inputs.safetensors")), load_file(str(folder / "expected.safetensors"))
+    return (
+        folder,
+        model,
+        load_file(str(folder / "inputs.safetensors")),
+        load_file(str(folder / "expected.safetensors")),
+    )
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -48,12 +53,19 @@ def test_forward_sep_vector_scalar_and_4d_mask(case):
 @torch.no_grad()
 def test_incremental_decoding_matches_official_memory(case):
     _, model, inp, exp = case
-    out = model(inp["inc_context_ids"], inp["inc_context_position_ids"], inp["inc_context_sep"], use_cache=True)
+    out = model(
+        inp["inc_context_ids"], inp["inc_context_position_ids"], inp["inc_context_sep"], use_cache=True
+    )
     assert _max_diff(out.logits, exp["inc_context_logits"]) < ATOL
     cache = out.cache
     steps = inp["inc_step_ids"].shape[1]
     for k in range(steps):
-        step = model(inp["inc_step_ids"][:, k : k + 1], inp["inc_step_position_ids"][..., k : k + 1], inp["inc_step_sep"], cache=cache)
+        step = model(
+            inp["inc_step_ids"][:, k : k + 1],
+            inp["inc_step_position_ids"][..., k : k + 1],
+            inp["inc_step_sep"],
+            cache=cache,
+        )
         assert _max_diff(step.logits[:, -1], exp["inc_step_logits"][k]) < ATOL
     full = model(inp["inc_full_ids"], inp["inc_full_position_ids"], inp["inc_full_sep"])
     assert _max_diff(full.logits, exp["inc_full_logits"]) < ATOL
@@ -66,7 +78,9 @@ def test_cache_equals_full_forward_with_chunks():
     model = GLMModel(GLMConfig.from_name("tiny")).eval()
     B, T, sep = 2, 20, 12
     ids = torch.randint(0, 256, (B, T))
-    pos = torch.stack([torch.arange(T).expand(B, T), (torch.arange(T) - sep + 1).clamp(min=0).expand(B, T)], dim=1)
+    pos = torch.stack(
+        [torch.arange(T).expand(B, T), (torch.arange(T) - sep + 1).clamp(min=0).expand(B, T)], dim=1
+    )
     full = model(ids, pos, sep).logits
     out = model(ids[:, :sep], pos[..., :sep], sep, use_cache=True)
     chunks = [out.logits]
@@ -147,10 +161,19 @@ def test_deepnorm_bounded_update_at_depth():
 
     def update_size(scheme: str, layers: int, alpha: float | None = None, beta: float | None = None) -> float:
         torch.manual_seed(0)
-        cfg = GLMConfig(num_layers=layers, hidden_size=32, num_attention_heads=4, vocab_size=128,
-                        max_sequence_length=32, norm_scheme=scheme, deepnorm_alpha=alpha, deepnorm_beta=beta,
-                        embedding_dropout_prob=0.0,
-                        attention_dropout_prob=0.0, output_dropout_prob=0.0)
+        cfg = GLMConfig(
+            num_layers=layers,
+            hidden_size=32,
+            num_attention_heads=4,
+            vocab_size=128,
+            max_sequence_length=32,
+            norm_scheme=scheme,
+            deepnorm_alpha=alpha,
+            deepnorm_beta=beta,
+            embedding_dropout_prob=0.0,
+            attention_dropout_prob=0.0,
+            output_dropout_prob=0.0,
+        )
         model = GLMModel(cfg)
         ids = torch.randint(0, 128, (4, 16))
         pos = torch.stack([torch.arange(16).expand(4, 16), torch.zeros(4, 16, dtype=torch.long)], dim=1)

@@ -147,7 +147,12 @@ class GLMConfig:
         """Parameter count: L(12h^2 + 13h) + Vh + position tables + final LayerNorm (spec A.10)."""
         h = self.hidden_size
         tables = 2 if self.block_position_encoding else 1
-        return self.num_layers * (12 * h * h + 13 * h) + self.vocab_size * h + tables * self.position_table_rows * h + 2 * h
+        return (
+            self.num_layers * (12 * h * h + 13 * h)
+            + self.vocab_size * h
+            + tables * self.position_table_rows * h
+            + 2 * h
+        )
 
     def replace(self, **changes: Any) -> GLMConfig:
         return dataclasses.replace(self, **changes)
@@ -256,6 +261,10 @@ PRESETS: dict[str, GLMConfig] = {
     "glm-2b": _preset(36, 2048, 32, 1024, 50304, "gpt2"),
     "glm-10b": _preset(48, 4096, 64, 1024, 50304, "gpt2"),
     "glm-10b-chinese": _preset(48, 4096, 64, 1024, 50048, "chinese-sp"),
-    "tiny": GLMConfig(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=256, max_sequence_length=64),
-    "small": GLMConfig(num_layers=4, hidden_size=256, num_attention_heads=4, vocab_size=8192, max_sequence_length=256),
+    "tiny": GLMConfig(
+        num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=256, max_sequence_length=64
+    ),
+    "small": GLMConfig(
+        num_layers=4, hidden_size=256, num_attention_heads=4, vocab_size=8192, max_sequence_length=256
+    ),
 }

@@ -54,7 +54,9 @@ def _torch_load(path: Path) -> object:
             "re-save it as a plain state dict or safetensors"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
-        raise CheckpointError(f"{path}: cannot read the checkpoint ({str(err).splitlines()[0]}); is it truncated?") from None
+        raise CheckpointError(
+            f"{path}: cannot read the checkpoint ({str(err).splitlines()[0]}); is it truncated?"
+        ) from None
 
 
 def _safetensors_load(path: Path) -> dict[str, Tensor]:
@@ -82,8 +84,10 @@ def _strip_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
         changed = False
         for prefix in _PREFIXES:
             backbone = [k for k in state if k.startswith(prefix)]
-            if backbone and len(backbone) >= len(state) // 2 and any(
-                k[len(prefix) :].startswith(("word_embeddings", "transformer.")) for k in backbone
+            if (
+                backbone
+                and len(backbone) >= len(state) // 2
+                and any(k[len(prefix) :].startswith(("word_embeddings", "transformer.")) for k in backbone)
             ):
                 state = {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in state.items()}
                 changed = True
@@ -136,7 +140,9 @@ def _official_shard_files(path: Path) -> list[Path]:
             path = path.parent
         else:
             return [path]
-    tracker = next((path / n for n in ("latest_checkpointed_iteration.txt", "latest") if (path / n).is_file()), None)
+    tracker = next(
+        (path / n for n in ("latest_checkpointed_iteration.txt", "latest") if (path / n).is_file()), None
+    )
     folder = path
     if tracker is not None:
         tag = tracker.read_text().strip()
@@ -145,7 +151,10 @@ def _official_shard_files(path: Path) -> list[Path]:
             folder = path / f"iter_{int(tag):07d}"
         if not folder.is_dir():
             raise CheckpointError(f"{tracker}: names checkpoint {tag!r} but {path / tag} does not exist")
-    files = sorted((p for p in folder.iterdir() if _MP_FILE.search(p.name)), key=lambda p: int(_MP_FILE.search(p.name).group(1)))
+    files = sorted(
+        (p for p in folder.iterdir() if _MP_FILE.search(p.name)),
+        key=lambda p: int(_MP_FILE.search(p.name).group(1)),
+    )
     if not files:
         raise CheckpointError(f"{folder}: no mp_rank_XX_model_states.pt files")
     ranks = [int(_MP_FILE.search(p.name).group(1)) for p in files]
@@ -171,7 +180,9 @@ def detect_format(path: Path) -> str:
         _MP_FILE.search(p.name) for p in path.iterdir()
     ):
         return "official"
-    raise CheckpointError(f"{path}: not a GLM checkpoint (no config.json, no latest_checkpointed_iteration.txt, no mp_rank files)")
+    raise CheckpointError(
+        f"{path}: not a GLM checkpoint (no config.json, no latest_checkpointed_iteration.txt, no mp_rank files)"
+    )
 
 
 def _hf_weight_files(path: Path) -> list[Path]:
@@ -200,7 +211,9 @@ def _read_weights(files: list[Path]) -> dict[str, Tensor]:
     return state
 
 
-def load_checkpoint(path: Path, config: GLMConfig | str | os.PathLike | None = None) -> tuple[GLMConfig, dict[str, Tensor]]:
+def load_checkpoint(
+    path: Path, config: GLMConfig | str | os.PathLike | None = None
+) -> tuple[GLMConfig, dict[str, Tensor]]:
     """Read any supported checkpoint layout into (config, MP=1 state dict with official key names)."""
     fmt = detect_format(path)
     if fmt == "official":
@@ -231,17 +244,34 @@ def apply_state_dict(model: torch.nn.Module, state: Mapping[str, Tensor], source
     own = model.state_dict()
     unknown = sorted(set(state) - set(own))
     if unknown:
-        raise CheckpointError(f"{source}: unknown key {unknown[0]!r}" + (f" (+{len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+        raise CheckpointError(
+            f"{source}: unknown key {unknown[0]!r}"
+            + (f" (+{len(unknown) - 1} more)" if len(unknown) > 1 else "")
+        )
     missing = sorted(set(own) - set(state))
     if missing:
-        raise CheckpointError(f"{source}: missing key {missing[0]!r}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise CheckpointError(
+            f"{source}: missing key {missing[0]!r}"
+            + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
     with torch.no_grad():
         for key, value in state.items():
             target = own[key]
             if value.shape == target.shape:
                 target.copy_(value)
-            elif "position_embeddings" in key and value.dim() == 2 and value.shape[1] == target.shape[1] and value.shape[0] < target.shape[0]:
-                log.warning("%s: %s has %d rows, model has %d; extra rows keep their init", source, key, value.shape[0], target.shape[0])
+            elif (
+                "position_embeddings" in key
+                and value.dim() == 2
+                and value.shape[1] == target.shape[1]
+                and value.shape[0] < target.shape[0]
+            ):
+                log.warning(
+                    "%s: %s has %d rows, model has %d; extra rows keep their init",
+                    source,
+                    key,
+                    value.shape[0],
+                    target.shape[0],
+                )
                 target[: value.shape[0]].copy_(value)
             else:
                 raise CheckpointError(

@@ -129,7 +129,9 @@ def build_attention_mask(
         sep = attention_mask.to(device=device, dtype=torch.long)
     else:
         shape = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask)
-        raise ValueError(f"attention_mask must be an int, a [1] or [B={batch}] sep tensor, or [B,1,T,S]; got {shape}")
+        raise ValueError(
+            f"attention_mask must be an int, a [1] or [B={batch}] sep tensor, or [B,1,T,S]; got {shape}"
+        )
     q = torch.arange(query, device=device).view(1, query, 1)
     k = torch.arange(keys, device=device).view(1, 1, keys) - cached
     visible = (k < sep.view(-1, 1, 1)) | (k <= q)  # (B or 1, T, S); cached keys have k < 0
@@ -152,7 +154,9 @@ class SelfAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (B, nh, S, hs)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+        )
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.dense(y)
 
@@ -251,14 +255,21 @@ class GLMModel(nn.Module):
         cfg = self.config
         B, T = input_ids.shape
         if cfg.block_position_encoding:
-            if position_ids.dim() != 3 or position_ids.shape[1] != 2 or position_ids.shape[0] != B or position_ids.shape[2] != T:
+            if (
+                position_ids.dim() != 3
+                or position_ids.shape[1] != 2
+                or position_ids.shape[0] != B
+                or position_ids.shape[2] != T
+            ):
                 raise ValueError(
                     f"position_ids must be [B, 2, T] = [{B}, 2, {T}] with block positions; got {tuple(position_ids.shape)}"
                 )
             pos, block = position_ids[:, 0], position_ids[:, 1]
         else:
             if position_ids.shape != (B, T):
-                raise ValueError(f"position_ids must be [B, T] = [{B}, {T}] without block positions; got {tuple(position_ids.shape)}")
+                raise ValueError(
+                    f"position_ids must be [B, T] = [{B}, {T}] without block positions; got {tuple(position_ids.shape)}"
+                )
             pos, block = position_ids, None
         x = self.word_embeddings(input_ids) + self.transformer.position_embeddings(pos)
         if block is not None:
