@@ -1,0 +1,1 @@
+"""Fine-tuning and evaluation tasks (spec D): cloze classification, seq2seq, text infilling, zero-shot LM."""
