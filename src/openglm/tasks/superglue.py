@@ -1,0 +1,591 @@
+"""The eight SuperGLUE tasks in cloze form (spec D.2-D.3, D.6, pitfall I.13): jsonl readers with the official
+text normalisation, the official patterns (the task-file ids and the p0 that GLM-10B actually ran) and label
+words, COPA's mirrored training examples, ReCoRD candidates, the WSC span repair, and per-task defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from openglm.tasks.cloze import MASK, ClozeTask, Example, Fragment
+
+# Official file names per split (the SuperGLUE release); `dev` is the validation file.
+SPLIT_FILES = {"train": "train.jsonl", "dev": "val.jsonl", "test": "test.jsonl"}
+
+_PUNCT_MAP = {"\u201c": '"', "\u201d": '"', "\u2019": "'", "\u2018": "'", "\u2013": "-"}
+
+
+def standardize_punctuation(text: str) -> str:
+    """Curly quotes -> straight quotes, en dash -> '-' (the official readers do this for all tasks but COPA)."""
+    for src, dst in _PUNCT_MAP.items():
+        text = text.replace(src, dst)
+    return text
+
+
+def remove_final_punctuation(text: str) -> str:
+    """Strip trailing ASCII punctuation (all of it, as the official patterns do)."""
+    return text.rstrip(string.punctuation)
+
+
+def lowercase_first(text: str) -> str:
+    return text[:1].lower() + text[1:]
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read a jsonl file; a broken line raises ValueError naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n}: invalid JSON ({err.msg})") from None
+    return rows
+
+
+def _field(row: dict[str, Any], name: str, path: Path, n: int) -> Any:
+    if name not in row:
+        raise ValueError(f"{path}: row {n} has no field {name!r} (fields: {sorted(row)})")
+    return row[name]
+
+
+def _bool_label(row: dict[str, Any]) -> str | None:
+    return str(row["label"]).lower() if "label" in row else None
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Official fine-tuning hyper-parameters (spec D.6) for Base/Large and for GLM-10B."""
+
+    epochs: int
+    epochs_10b: int
+    batch_size: int = 16
+
+
+class SuperGLUETask(ClozeTask):
+    """Common reader plumbing: `read(path, split)` accepts a data directory (official file names) or a file."""
+
+    defaults: Defaults = Defaults(epochs=50, epochs_10b=50)
+
+    def read(self, path: str | Path, split: str) -> list[Example]:
+        path = Path(path)
+        if path.is_dir():
+            if split not in SPLIT_FILES:
+                raise ValueError(f"unknown split {split!r}; expected one of {list(SPLIT_FILES)}")
+            path = path / SPLIT_FILES[split]
+        rows = read_jsonl(path)
+        return self.make_examples(rows, split, path)
+
+    def make_examples(self, rows: list[dict[str, Any]], split: str, path: Path) -> list[Example]:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+class RTE(SuperGLUETask):
+    name = "rte"
+    label_list = ["entailment", "not_entailment"]
+    pattern_ids = (0, 1, 2, 3, 4)
+    default_pattern = 0
+    defaults = Defaults(epochs=50, epochs_10b=50)
+    words = {"entailment": " Yes", "not_entailment": " No", "contradiction": " No", "neutral": " Maybe"}
+    words_tf = {
+        "entailment": " true",
+        "not_entailment": " false",
+        "contradiction": " false",
+        "neutral": " neither",
+    }
+    tf_question = " True or False?"
+
+    def make_examples(self, rows: list[dict[str, Any]], split: str, path: Path) -> list[Example]:
+        out = []
+        for n, row in enumerate(rows, 1):
+            idx = row.get("idx", n - 1)
+            out.append(
+                Example(
+                    guid=f"{split}-{idx}",
+                    text_a=standardize_punctuation(_field(row, "premise", path, n)),
+                    text_b=standardize_punctuation(_field(row, "hypothesis", path, n)),
+                    label=row.get("label"),
+                    idx=idx,
+                )
+            )
+        return out
+
+    def pattern(self, example: Example, pattern_id: int) -> tuple[list[Fragment], list[Fragment]]:
+        premise = example.text_a
+        hypothesis = remove_final_punctuation(example.text_b or "")
+        if pattern_id == 0:
+            return [Fragment('"'), Fragment(hypothesis, True), Fragment('" ?')], [
+                MASK,
+                Fragment(","),
+                Fragment(' "'),
+                Fragment(premise, True),
+                Fragment('"'),
+            ]
+        if pattern_id == 1:
+            return [Fragment(hypothesis, True), Fragment("?")], [
+                MASK,
+                Fragment(","),
+                Fragment(" " + premise, True),
+            ]
+        if pattern_id == 2:
+            return [Fragment('"'), Fragment(hypothesis, True), Fragment('" ?')], [
+                MASK,
+                Fragment('. "'),
+                Fragment(premise, True),
+                Fragment('"'),
+            ]
+        if pattern_id == 3:
+            return [Fragment(hypothesis, True), Fragment("?")], [
+                MASK,
+                Fragment("."),
+                Fragment(" " + premise, True),
+            ]
+        return [
+            Fragment(premise, True),
+            Fragment(" question:"),
+            Fragment(" " + hypothesis, True),
+            Fragment(self.tf_question),
+            Fragment(" answer:"),
+            MASK,
+        ], []
+
+    def verbalizer(self, pattern_id: int) -> list[str]:
+        words = self.words_tf if pattern_id == 4 else self.words
+        return [words[label] for label in self.label_list]
+
+    def classifier_texts(self, example: Example) -> list[tuple[str, str | None]]:
+        return [(example.text_a, example.text_b)]
+
+
+class CB(RTE):
+    name = "cb"
+    label_list = ["entailment", "contradiction", "neutral"]
+    default_pattern = 3
+    defaults = Defaults(epochs=50, epochs_10b=100)
+    tf_question = " true, false or neither?"
+    metrics = ("accuracy", "f1_macro")
+
+
+class BoolQ(SuperGLUETask):
+    name = "boolq"
+    label_list = ["false", "true"]
+    pattern_ids = (0, 1, 2, 3, 4, 5)
+    default_pattern = 4
+    defaults = Defaults(epochs=20, epochs_10b=24)
+
+    def make_examples(self, rows: list[dict[str, Any]], split: str, path: Path) -> list[Example]:
+        out = []
+        for n, row in enumerate(rows, 1):
+            idx = row.get("idx", n - 1)
+            out.append(
+                Example(
+                    guid=f"{split}-{idx}",
+                    text_a=standardize_punctuation(_field(row, "passage", path, n)),
+                    text_b=standardize_punctuation(_field(row, "question", path, n)),
+                    label=_bool_label(row),
+                    idx=idx,
+                )
+            )
+        return out
+
+    def pattern(self, example: Example, pattern_id: int) -> tuple[list[Fragment], list[Fragment]]:
+        passage, question = Fragment(example.text_a, True), Fragment(" " + (example.text_b or ""), True)
+        if pattern_id in (0, 1):
+            return [passage, Fragment(" Question:"), question, Fragment("? Answer:"), MASK, Fragment(".")], []
+        if pattern_id in (2, 3):
+            return [
+                passage,
+                Fragment(" Based on the previous passage,"),
+                question,
+                Fragment("?"),
+                MASK,
+                Fragment("."),
+            ], []
+        return [
+            Fragment("Based on the following passage"),
+            question,
+            Fragment("?"),
+            MASK,
+            Fragment("."),
+            Fragment(" " + example.text_a, True),
+        ], []
+
+    def verbalizer(self, pattern_id: int) -> list[str]:
+        return [" No", " Yes"] if pattern_id % 2 == 0 else [" false", " true"]
+
+
+class WiC(SuperGLUETask):
+    name = "wic"
+    label_list = ["false", "true"]
+    pattern_ids = (0, 1, 2)
+    default_pattern = 1
+    defaults = Defaults(epochs=30, epochs_10b=40)
+
+    def make_examples(self, rows: list[dict[str, Any]], split: str, path: Path) -> list[Example]:
+        out = []
+        for n, row in enumerate(rows, 1):
+            idx = row.get("idx", n - 1)
+            out.append(
+                Example(
+                    guid=f"{split}-{idx}",
+                    text_a=standardize_punctuation(_field(row, "sentence1", path, n)),
+                    text_b=standardize_punctuation(_field(row, "sentence2", path, n)),
+                    label=_bool_label(row),
+                    meta={"word": _field(row, "word", path, n)},
+                    idx=idx,
+                )
+            )
+        return out
+
+    def pattern(self, example: Example, pattern_id: int) -> tuple[list[Fragment], list[Fragment]]:
+        s1, s2, word = example.text_a, example.text_b or "", example.meta["word"]
+        if pattern_id == 0:
+            return [
+                Fragment('"' + s1 + '" / "' + s2 + '"', True),
+                Fragment(' Similar sense of "' + word + '"?'),
+                MASK,
+                Fragment("."),
+            ], []
+        if pattern_id == 1:
+            return [
+                Fragment(s1, True),
+                Fragment(" " + s2, True),
+                Fragment(" Does " + word + " have the same meaning in both sentences?"),
+                MASK,
+            ], []
+        return [
+            Fragment(word),
+            Fragment(" ."),
+            Fragment(' Sense (1) (a) "'),
+            Fragment(s1, True),
+            Fragment('"'),
+            Fragment(" ("),
+            MASK,
+            Fragment(') "'),
+            Fragment(s2, True),
+            Fragment('"'),
+        ], []
+
+    def verbalizer(self, pattern_id: int) -> list[str]:
+        return ["2", "b"] if pattern_id == 2 else [" No", " Yes"]
+
+
+class MultiRC(SuperGLUETask):
+    name = "multirc"
+    label_list = [0, 1]
+    pattern_ids = (0,)
+    default_pattern = 0
+    max_seq_length = 512
+    defaults = Defaults(epochs=15, epochs_10b=12, batch_size=64)
+    metrics = ("f1a", "em", "accuracy")
+
+    def make_examples(self, rows: list[dict[str, Any]], split: str, path: Path) -> list[Example]:
+        out = []
+        for n, row in enumerate(rows, 1):
+            passage = _field(row, "passage", path, n)
+            p_idx = row.get("idx", n - 1)
+            text = standardize_punctuation(_field(passage, "text", path, n))
+            for q in _field(passage, "questions", path, n):
+                q_idx = q["idx"]
+                question = standardize_punctuation(q["question"])
+                for a in q["answers"]:
+                    a_idx = a["idx"]
+                    out.append(
+                        Example(
+                            guid=f"{split}-p{p_idx}-q{q_idx}-a{a_idx}",
+                            text_a=text,
+                            text_b=question,
+                            label=a.get("label"),
+                            meta={
+                                "passage_idx": p_idx,
+                                "question_idx": q_idx,
+                                "answer_idx": a_idx,
+                                "answer": standardize_punctuation(a["text"]),
+                            },
+                            idx=[p_idx, q_idx, a_idx],
+                        )
+                    )
+        return out
+
+    def pattern(self, example: Example, pattern_id: int) -> tuple[list[Fragment], list[Fragment]]:
+        passage = remove_final_punctuation(example.text_a.rstrip())
+        question = remove_final_punctuation((example.text_b or "").rstrip())
+        return [
+            Fragment(passage, True),
+            Fragment("."),
+            Fragment(" Question:"),
+            Fragment(" " + question + "?"),
+            Fragment(" Is it"),
+            Fragment(" " + example.meta["answer"]),
+            Fragment("?"),
+            MASK,
+            Fragment("."),
+        ], []
+
+    def verbalizer(self, pattern_id: int) -> list[str]:
+        return [" No", " Yes"]
+
+    def classifier_texts(self, example: Example) -> list[tuple[str, str | None]]:
+        return [(example.text_a, (example.text_b or "") + " " + example.meta["answer"])]
+
+
+class COPA(SuperGLUETask):
+    name = "copa"
+    label_list = [0, 1]
+    multi_token = True
+    pattern_ids = (0, 1)
+    default_pattern = 0
+    defaults = Defaults(epochs=50, epochs_10b=100)
+
+    def make_examples(self, rows: list[dict[str, Any]], split: str, path: Path) -> list[Example]:
+        out = []
+        for n, row in enumerate(rows, 1):
+            idx = row.get("idx", n - 1)
+            meta = {k: _field(row, k, path, n) for k in ("choice1", "choice2", "question")}
+            label = row.get("label")
+            # COPA is the one reader without punctuation standardisation.
+            out.append(Example(f"{split}-{idx}", _field(row, "premise", path, n), None, label, meta, idx))
+        if split == "train":
+            # Mirrored copies (choices swapped, label flipped) are appended after the originals (spec D.3).
+            mirrors = [
+                Example(
+                    guid=ex.guid + "m",
+                    text_a=ex.text_a,
+                    label=None if ex.label is None else 1 - int(ex.label),
+                    meta={
+                        "choice1": ex.meta["choice2"],
+                        "choice2": ex.meta["choice1"],
+                        "question": ex.meta["question"],
+                    },
+                    idx=ex.idx,
+                )
+                for ex in out
+            ]
+            out += mirrors
+        return out
+
+    @staticmethod
+    def _choice(text: str) -> str:
+        return remove_final_punctuation(lowercase_first(text))
+
+    def pattern(self, example: Example, pattern_id: int) -> tuple[list[Fragment], list[Fragment]]:
+        premise = Fragment(" " + remove_final_punctuation(example.text_a), True)
+        c1, c2 = self._choice(example.meta["choice1"]), self._choice(example.meta["choice2"])
+        question = example.meta["question"]
+        if question not in ("cause", "effect"):
+            raise ValueError(f"copa: example {example.guid} has question {question!r}; expected cause/effect")
+        joiner = Fragment(" because" if question == "cause" else ", so")
+        if pattern_id == 0:
+            return [
+                Fragment('"'),
+                Fragment(c1),
+                Fragment('" or "'),
+                Fragment(c2),
+                Fragment('"?'),
+                premise,
+                joiner,
+                MASK,
+                Fragment("."),
+            ], []
+        return [
+            Fragment(c1),
+            Fragment(" or"),
+            Fragment(" " + c2),
+            Fragment("?"),
+            premise,
+            joiner,
+            MASK,
+            Fragment("."),
+        ], []
+
+    def answers(self, example: Example, pattern_id: int) -> list[str]:
+        return [" " + self._choice(example.meta["choice1"]), " " + self._choice(example.meta["choice2"])]
+
+    def label_index(self, example: Example, split: str) -> int:
+        return -1 if example.label is None else int(example.label)
+
+    def classifier_texts(self, example: Example) -> list[tuple[str, str | None]]:
+        joiner = "because" if example.meta["question"] == "cause" else "so"
+        return [(example.text_a, f"{joiner} {example.meta[c]}") for c in ("choice1", "choice2")]
+
+
+class WSC(SuperGLUETask):
+    name = "wsc"
+    label_list = ["False", "True"]
+    multi_token = True
+    pattern_ids = (0, 2)
+    default_pattern = 2
+    max_seq_length = 128
+    length_penalty = 1.0
+    loss_func = "mix"
+    defaults = Defaults(epochs=50, epochs_10b=100)
+
+    def make_examples(self, rows: list[dict[str, Any]], split: str, path: Path) -> list[Example]:
+        out = []
+        for n, row in enumerate(rows, 1):
+            idx = row.get("idx", n - 1)
+            target = _field(row, "target", path, n)
+            label = str(row["label"]) if "label" in row else None
+            words = _field(row, "text", path, n).split()
+            span1, span2 = target["span1_text"], target["span2_text"]
+            i1, i2 = target["span1_index"], target["span2_index"]
+            # Some official indices are off by one word: look one word left/right for the span.
+            span1_words = span1.lower().split()
+            lower = [w.lower() for w in words]
+            if lower[i1 : i1 + len(span1_words)] != span1_words:
+                for off in (-1, 1):
+                    if lower[i1 + off : i1 + off + len(span1_words)] == span1_words:
+                        i1 += off
+            if words[i2] != span2:
+                for off in (-1, 1):
+                    if 0 <= i2 + off < len(words) and words[i2 + off] == span2:
+                        i2 += off
+                if words[i2] != span2 and words[i2].startswith(span2):
+                    words = words[:i2] + [words[i2][: len(span2)], words[i2][len(span2) :]] + words[i2 + 1 :]
+            if words[i2] != span2:
+                raise ValueError(f"{path}: row {n}: pronoun {span2!r} not found at word {i2}")
+            meta = {"span1_text": span1, "span2_text": span2, "span1_index": i1, "span2_index": i2}
+            if "candidates" in row:
+                meta["candidates"] = list(row["candidates"])
+            if split == "train" and label != "True":
+                continue  # training keeps the positive examples only (the correct span is the answer)
+            out.append(Example(f"{split}-{idx}", " ".join(words), None, label, meta, idx))
+        return out
+
+    def pattern(self, example: Example, pattern_id: int) -> tuple[list[Fragment], list[Fragment]]:
+        pronoun, i2 = example.meta["span2_text"], example.meta["span2_index"]
+        words = example.text_a.split()
+        words[i2] = "*" + words[i2] + "*"
+        text = Fragment(" ".join(words), True)
+        if pattern_id == 0:
+            return [text, Fragment(" The pronoun '*" + pronoun + "*' refers to"), MASK, Fragment(".")], []
+        return [
+            text,
+            Fragment(" Question: In the passage above, what does the pronoun '*" + pronoun + "*' refer to?"),
+            Fragment(" Answer:"),
+            MASK,
+            Fragment("."),
+        ], []
+
+    def answers(self, example: Example, pattern_id: int) -> list[str]:
+        return [" " + example.meta["span1_text"]] + [" " + c for c in example.meta.get("candidates", [])]
+
+    def label_index(self, example: Example, split: str) -> int:
+        # Training examples are all positives whose correct answer is choice 0 (spec D.3, `--loss-func mix`).
+        if split == "train":
+            return 0
+        return super().label_index(example, split)
+
+    def classifier_texts(self, example: Example) -> list[tuple[str, str | None]]:
+        return [(example.text_a, example.meta["span2_text"] + " " + example.meta["span1_text"])]
+
+
+class ReCoRD(SuperGLUETask):
+    name = "record"
+    label_list = ["0", "1"]
+    multi_token = True
+    pattern_ids = (0,)
+    default_pattern = 0
+    max_seq_length = 512
+    defaults = Defaults(epochs=5, epochs_10b=3, batch_size=64)
+    metrics = ("record_em", "record_f1")
+    max_train_candidates = 10
+    seed = 42
+
+    def make_examples(self, rows: list[dict[str, Any]], split: str, path: Path) -> list[Example]:
+        out = []
+        # The official reader shuffles negatives with Python's `random.Random(42)`; reproducing its stream
+        # needs the same generator, not numpy's.
+        shuffler = random.Random(self.seed)
+        for n, row in enumerate(rows, 1):
+            p_idx = row.get("idx", n - 1)
+            passage = _field(row, "passage", path, n)
+            raw = _field(passage, "text", path, n)
+            entities = sorted({raw[e["start"] : e["end"] + 1] for e in passage.get("entities", [])})
+            text = standardize_punctuation(raw.replace("@highlight\n", "- "))
+            for q in _field(row, "qas", path, n):
+                q_idx = q["idx"]
+                question = standardize_punctuation(q["query"])
+                answers = list(dict.fromkeys(a["text"] for a in q.get("answers", [])))
+                if split == "train":
+                    for a_idx, answer in enumerate(answers):
+                        negatives = [e for e in entities if e not in answers]
+                        if len(negatives) > self.max_train_candidates - 1:
+                            shuffler.shuffle(negatives)
+                            negatives = negatives[: self.max_train_candidates - 1]
+                        meta = {
+                            "passage_idx": p_idx,
+                            "question_idx": q_idx,
+                            "candidates": [answer, *negatives],
+                            "answers": [answer],
+                        }
+                        out.append(
+                            Example(
+                                f"{split}-p{p_idx}-q{q_idx}-a{a_idx}",
+                                text,
+                                question,
+                                "0",
+                                meta,
+                                [p_idx, q_idx, a_idx],
+                            )
+                        )
+                else:
+                    meta = {
+                        "passage_idx": p_idx,
+                        "question_idx": q_idx,
+                        "candidates": entities,
+                        "answers": answers,
+                    }
+                    out.append(Example(f"{split}-p{p_idx}-q{q_idx}", text, question, "1", meta, q_idx))
+        return out
+
+    def pattern(self, example: Example, pattern_id: int) -> tuple[list[Fragment], list[Fragment]]:
+        query = example.text_b or ""
+        if "@placeholder" not in query:
+            raise ValueError(f"record: example {example.guid} has no @placeholder in its query")
+        qa, qb = query.split("@placeholder", 1)
+        return [Fragment(example.text_a, True), Fragment(" " + qa.rstrip()), MASK, Fragment(qb)], []
+
+    def answers(self, example: Example, pattern_id: int) -> list[str]:
+        return [" " + c for c in example.meta["candidates"]]
+
+    def classifier_texts(self, example: Example) -> list[tuple[str, str | None]]:
+        query = example.text_b or ""
+        return [(example.text_a, query.replace("@placeholder", c)) for c in example.meta["candidates"]]
+
+
+TASKS: dict[str, type[SuperGLUETask]] = {
+    cls.name: cls for cls in (RTE, CB, BoolQ, WiC, MultiRC, COPA, WSC, ReCoRD)
+}
+# Directory names of the official release, for `--data-dir` defaults.
+TASK_DIRS = {
+    "rte": "RTE",
+    "cb": "CB",
+    "boolq": "BoolQ",
+    "wic": "WiC",
+    "multirc": "MultiRC",
+    "copa": "COPA",
+    "wsc": "WSC",
+    "record": "ReCoRD",
+}
+
+
+def get_task(name: str) -> SuperGLUETask:
+    """The SuperGLUE task called `name` (case-insensitive)."""
+    key = name.lower()
+    if key not in TASKS:
+        raise ValueError(f"unknown SuperGLUE task {name!r}; expected one of {sorted(TASKS)}")
+    return TASKS[key]()
