@@ -1,0 +1,142 @@
+"""Incremental decoding state (spec A.7-A.8, E.1): one K/V cache for a batch of rows plus, per row, which cached
+slots that row may attend to, so that padding and unfed slots stay invisible and the official memory cap
+(`mem_length`) can be applied per row.
+
+Every forward appends the same number of slots to every row; a slot a row did not really feed (padding, a
+finished row, a token the official loop never feeds) is simply marked invisible for that row.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from openglm.model import GLMModel, KVCache
+
+# Trimming the cache copies it, so it is done only once this many leading slots are invisible to every row.
+_TRIM_MIN_SLOTS = 64
+
+
+class DecodeState:
+    """A `KVCache` plus a per-row key-visibility mask [B, S].
+
+    Args:
+        model: the network (its parameters decide device and dtype).
+        mem_length: the official memory cap (spec A.8, `mem_length = seq_length - 1` in interactive mode): a
+            query sees at most the last `mem_length` slots its row fed before the current forward (plus the
+            tokens of the current forward). None means unlimited.
+    """
+
+    def __init__(self, model: GLMModel, mem_length: int | None = None) -> None:
+        if mem_length is not None and mem_length < 1:
+            raise ValueError(f"mem_length must be >= 1 or None; got {mem_length}")
+        self.model = model
+        self.mem_length = mem_length
+        self.device = next(model.parameters()).device
+        self.cache = KVCache(model.config.num_layers)
+        self.keymask = torch.zeros(0, 0, dtype=torch.bool, device=self.device)  # (B, S) slots a row fed
+        self.offset = 0  # absolute index of cache slot 0 (slots before it were trimmed)
+
+    @property
+    def length(self) -> int:
+        """Absolute number of slots appended so far (trimmed ones included)."""
+        return self.offset + self.cache.length
+
+    def visible(self) -> Tensor:
+        """Bool [B, S]: the cached slots each row may attend to now (fed slots, capped to the last mem_length)."""
+        if self.mem_length is None:
+            return self.keymask
+        # Number of fed slots at or after each column; the cap keeps the last `mem_length` of them.
+        after = self.keymask.flip(-1).cumsum(-1).flip(-1)
+        return self.keymask & (after <= self.mem_length)
+
+    def feed(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor,
+        real: Tensor,
+        bidirectional: bool = False,
+        logits_at: Tensor | None = None,
+    ) -> Tensor | None:
+        """Run new tokens after the cache and append them.
+
+        Args:
+            input_ids: [B, T] token ids (anything where `real` is False).
+            position_ids: [B, 2, T] (or [B, T] without block positions).
+            real: bool [B, T]; False slots are padding: never visible to any query, now or later.
+            bidirectional: True for a Part A context (every real new token sees every other one, spec A.7
+                with sep = length); False for Part B tokens (causal among the new tokens).
+            logits_at: optional bool [B, T]; return logits only there, flattened to [N, V]. None: no logits.
+
+        Returns:
+            logits [N, V] at `logits_at`, or None.
+        """
+        B, T = input_ids.shape
+        if self.cache.length and self.keymask.size(0) != B:
+            raise ValueError(f"decode state holds {self.keymask.size(0)} rows but {B} were fed")
+        real = real.to(self.device, torch.bool)
+        S = self.cache.length
+        past = self.visible() if S else torch.zeros(B, 0, dtype=torch.bool, device=self.device)
+        if bidirectional:
+            new = real[:, None, :].expand(B, T, T)
+        else:
+            causal = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()
+            new = causal[None] & real[:, None, :]
+        # A query always sees itself, so a padding query never has an empty row (its output is discarded).
+        new = new | torch.eye(T, dtype=torch.bool, device=self.device)[None]
+        mask = torch.cat([past[:, None, :].expand(B, T, S), new], dim=-1).unsqueeze(1)  # (B, 1, T, S + T)
+        select = (
+            logits_at if logits_at is not None else torch.zeros(B, T, dtype=torch.bool, device=self.device)
+        )
+        out = self.model(
+            input_ids.to(self.device),
+            position_ids.to(self.device),
+            attention_mask=mask,
+            cache=self.cache,
+            logits_mask=select.to(self.device),
+        )
+        self.keymask = torch.cat([self.keymask if S else self.keymask.new_zeros(B, 0), real], dim=1)
+        self._maybe_trim()
+        return out.logits if logits_at is not None else None
+
+    def expand(self, index: Tensor) -> DecodeState:
+        """A new state whose rows are `index` of this one (e.g. each row repeated once per beam)."""
+        out = DecodeState.__new__(DecodeState)
+        out.model, out.mem_length, out.device, out.offset = (
+            self.model,
+            self.mem_length,
+            self.device,
+            self.offset,
+        )
+        index = index.to(self.device)
+        out.cache = self.cache.select(index)
+        out.keymask = self.keymask.index_select(0, index)
+        return out
+
+    def reorder(self, index: Tensor, start: int) -> None:
+        """Beam reordering in place: row i takes the slots of row index[i] from absolute slot `start` on.
+
+        Slots before `start` must already be equal for row i and row index[i] (beams of one text share their
+        context and earlier blanks), so only the slots decoded since `start` are copied, not the whole cache.
+        """
+        index = index.to(self.device)
+        lo = max(start - self.offset, 0)
+        hi = self.cache.length
+        if hi > lo:
+            for buffers in (self.cache.keys, self.cache.values):
+                for layer, buf in enumerate(buffers):
+                    if buf is not None:
+                        buffers[layer][:, :, lo:hi] = buf[:, :, lo:hi].index_select(0, index)
+        self.keymask[:, lo:] = self.keymask[:, lo:].index_select(0, index)
+
+    def _maybe_trim(self) -> None:
+        """Drop leading slots that the memory cap hides from every row for good (they never come back)."""
+        if self.mem_length is None or self.cache.length <= self.mem_length:
+            return
+        seen = self.visible().any(dim=0)
+        first = int(seen.float().argmax()) if bool(seen.any()) else self.cache.length
+        if first < _TRIM_MIN_SLOTS:
+            return
+        self.cache.keep_last(self.cache.length - first)
+        self.keymask = self.keymask[:, first:].clone()
+        self.offset += first
