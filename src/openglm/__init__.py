@@ -2,6 +2,7 @@
 
 from openglm.config import PRESETS, GLMConfig, pad_vocab_size
 from openglm.model import GLMModel, GLMOutput, KVCache
+from openglm.tokenizer import GLMTokenizer
 
-__all__ = ["GLMConfig", "GLMModel", "GLMOutput", "KVCache", "PRESETS", "pad_vocab_size"]
+__all__ = ["GLMConfig", "GLMModel", "GLMOutput", "GLMTokenizer", "KVCache", "PRESETS", "pad_vocab_size"]
 __version__ = "0.1.0"

@@ -1,0 +1,303 @@
+"""GLMTokenizer against the official tokenizers (fixtures tokenizer/), save/load, errors, round trips."""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tests.conftest import reference_dir, require, shared_data_dir
+
+from openglm.tokenizer import GLMTokenizer
+
+FACTORY = "tokenizer/official_factory"
+ENCODE_CASES = "tokenizer/encode_cases.json"
+ID_PROPERTIES = {
+    "pad_id": "pad",
+    "eos_id": "eos",
+    "cls_id": "ENC",
+    "sep_id": "sep",
+    "mask_id": "MASK",
+    "unk_id": "unk",
+    "sop_id": "sop",
+    "eop_id": "eop",
+    "gmask_id": "gMASK",
+    "smask_id": "sMASK",
+    "dblock_id": "dBLOCK",
+}
+
+
+def _vocab_dir() -> Path:
+    return require(shared_data_dir() / "tokenizers")
+
+
+def _kind_and_file(call: dict) -> tuple[str, str]:
+    """Our kind and vocab file for an official make_tokenizer call (tokenizer_type, model_type, fix flag)."""
+    ttype, model = call["tokenizer_type"], call.get("model_type")
+    if ttype == "BertWordPieceTokenizer":
+        return "bert", f"{model or 'bert-large-uncased'}-vocab.txt"
+    if ttype == "GPT2BPETokenizer":
+        kind = "roberta" if (model or "").startswith("roberta") else "gpt2"
+        return kind, f"{kind}-vocab.json"
+    if ttype == "ChineseSPTokenizer":
+        return ("chinese-sp-fix" if call.get("fix_command_token") else "chinese-sp"), "cog-pretrain.model"
+    raise AssertionError(f"fixture names an unknown tokenizer type {ttype!r}")
+
+
+@cache
+def _build(kind: str, file: str, block_symbols: bool, task_mask: bool, dblock: bool) -> GLMTokenizer:
+    return GLMTokenizer.from_files(
+        kind, _vocab_dir() / file, block_symbols=block_symbols, task_mask=task_mask, dblock=dblock
+    )
+
+
+def _from_call(call: dict) -> GLMTokenizer:
+    kind, file = _kind_and_file(call)
+    return _build(
+        kind,
+        file,
+        bool(call.get("add_block_symbols", False)),
+        bool(call.get("add_task_mask", False)),
+        bool(call.get("add_decoder_mask", False)),
+    )
+
+
+def _factory_files() -> list[str]:
+    root = reference_dir() / FACTORY
+    index = root / "index.json"
+    if not index.is_file():
+        return ["<absent>"]
+    return [entry["file"] for entry in json.loads(index.read_text(encoding="utf-8"))]
+
+
+def _encode_configs() -> list[str]:
+    path = reference_dir() / ENCODE_CASES
+    if not path.is_file():
+        return ["<absent>"]
+    return list(json.loads(path.read_text(encoding="utf-8"))["configs"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parity with the official factory: command tables, sizes, ids, IdToToken strings and DecodeIds text.
+
+
+@pytest.mark.parametrize("file", _factory_files())
+def test_official_factory_variant(file: str) -> None:
+    fixture = require(reference_dir() / FACTORY / file)
+    ref = json.loads(fixture.read_text(encoding="utf-8"))
+    tok = _from_call(ref["make_tokenizer_call"])
+
+    assert [(c.name, c.token, c.id, c.lstrip) for c in tok.command_tokens] == [
+        (c["name"], c["token"], c["id"], c["lstrip"]) for c in ref["command_tokens"]
+    ]
+    for prop, name in ID_PROPERTIES.items():
+        assert getattr(tok, prop) == ref["command_name_to_id"].get(name), prop
+    for i, token in ref["command_id_to_token_used_by_decode"].items():
+        assert tok.convert_ids_to_tokens(int(i)) == token
+    assert tok.num_tokens == ref["num_tokens"]
+    assert tok.vocab_size == ref["padded_vocab_size"]
+    assert tok.eos_id == ref["eod_token"]
+
+    for case in ref["cases"]:
+        ids = tok.encode(case["text"])
+        assert ids == case["ids"], case["text"]
+        assert tok.convert_ids_to_tokens(ids) == case["tokens"], case["text"]
+        assert tok.decode(ids) == case["decoded"], case["text"]
+    assert tok.encode_batch([c["text"] for c in ref["cases"]]) == [c["ids"] for c in ref["cases"]]
+
+
+@pytest.mark.parametrize("config", _encode_configs())
+def test_encode_cases(config: str) -> None:
+    ref = json.loads(require(reference_dir() / ENCODE_CASES).read_text(encoding="utf-8"))["configs"][config]
+    tok = _from_call(ref["make_tokenizer_kwargs"])
+    assert tok.num_tokens == ref["num_tokens"]
+    assert {c.name: c.id for c in tok.command_tokens} == ref["command_ids"]
+    assert {c.name: c.lstrip for c in tok.command_tokens} == ref["lstrip"]
+    for case in ref["cases"]:
+        ids = tok.encode(case["text"])
+        assert ids == case["ids"], case["text"]
+        assert tok.convert_ids_to_tokens(ids) == case["pieces"], case["text"]
+    assert tok.encode_batch([c["text"] for c in ref["cases"]]) == [c["ids"] for c in ref["cases"]]
+
+
+def test_defaults_are_the_released_models() -> None:
+    """from_files(kind, path) without flags gives the fine-tuning/inference tokenizer of the released models."""
+    root = require(reference_dir() / FACTORY)
+    released = {
+        "bert": ("bert-large-uncased-vocab.txt", "bert_large_uncased.json"),
+        "gpt2": ("gpt2-vocab.json", "gpt2_glm10b_finetune.json"),
+        "roberta": ("roberta-vocab.json", "roberta_glm.json"),
+        "chinese-sp": ("cog-pretrain.model", "chinese_sp_nofix.json"),
+        "chinese-sp-fix": ("cog-pretrain.model", "chinese_sp_fix.json"),
+    }
+    for kind, (vocab, fixture) in released.items():
+        ref = json.loads(require(root / fixture).read_text(encoding="utf-8"))
+        tok = GLMTokenizer.from_files(kind, _vocab_dir() / vocab)
+        assert {c.name: c.id for c in tok.command_tokens} == ref["command_name_to_id"], kind
+        assert tok.num_tokens == ref["num_tokens"], kind
+
+
+def test_directory_of_official_files() -> None:
+    """A directory holding the release files by their official names is enough."""
+    tok = GLMTokenizer.from_files("gpt2", _vocab_dir())
+    assert tok.encode("Hello world") == _build("gpt2", "gpt2-vocab.json", True, True, False).encode(
+        "Hello world"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Save / load
+
+
+@pytest.mark.parametrize(
+    "kind,file",
+    [
+        ("bert", "bert-large-uncased-vocab.txt"),
+        ("gpt2", "gpt2-vocab.json"),
+        ("roberta", "roberta-vocab.json"),
+        ("chinese-sp", "cog-pretrain.model"),
+        ("chinese-sp-fix", "cog-pretrain.model"),
+    ],
+)
+def test_save_and_load_in_a_model_directory(kind: str, file: str, tmp_path: Path) -> None:
+    tok = GLMTokenizer.from_files(kind, _vocab_dir() / file, dblock=True)
+    model_dir = tmp_path / "ckpt"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text('{"model": true}')
+    tok.save_pretrained(model_dir)
+    assert (model_dir / "config.json").read_text() == '{"model": true}'
+    assert not [p for p in model_dir.iterdir() if p.name.endswith(".tmp")]
+
+    back = GLMTokenizer.from_pretrained(model_dir)
+    assert back.kind == kind and back.options == tok.options
+    assert back.command_tokens == tok.command_tokens
+    assert (back.num_tokens, back.vocab_size) == (tok.num_tokens, tok.vocab_size)
+    text = "Mask with spaces:   [MASK]   then text. 北京 [gMASK] <|endoftext|>"
+    assert back.encode(text) == tok.encode(text)
+    assert back.decode(tok.encode(text)) == tok.decode(tok.encode(text))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Errors: one clear line naming the file, field or value
+
+
+def test_unknown_kind() -> None:
+    with pytest.raises(ValueError, match="unknown tokenizer kind 'llama'"):
+        GLMTokenizer.from_files("llama", "x")
+
+
+def test_missing_files(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="BERT vocab file not found: .*nope.txt"):
+        GLMTokenizer.from_files("bert", tmp_path / "nope.txt")
+    (tmp_path / "vocab.json").write_text(json.dumps({"a": 0}))
+    with pytest.raises(FileNotFoundError, match="merges file.*merges.txt"):
+        GLMTokenizer.from_files("gpt2", tmp_path / "vocab.json")
+    with pytest.raises(FileNotFoundError, match="no tokenizer_config.json"):
+        GLMTokenizer.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no chinese-sp vocab file in this directory"):
+        GLMTokenizer.from_files("chinese-sp", tmp_path)
+
+
+def _tiny_bpe(tmp_path: Path, vocab: dict, merges: str) -> Path:
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text(merges)
+    return tmp_path / "vocab.json"
+
+
+def test_malformed_vocab_files(tmp_path: Path) -> None:
+    bad_json = tmp_path / "bad"
+    bad_json.mkdir()
+    (bad_json / "vocab.json").write_text("{not json")
+    (bad_json / "merges.txt").write_text("")
+    with pytest.raises(ValueError, match=r"vocab.json: malformed BPE vocab \(not JSON\)"):
+        GLMTokenizer.from_files("gpt2", bad_json / "vocab.json")
+
+    tiny = {"a": 0, "b": 1, "ab": 2, "<|endoftext|>": 3}
+    path = _tiny_bpe(tmp_path, tiny, "#version: 0.2\na b\nb c d\n")
+    with pytest.raises(ValueError, match="merges.txt: malformed BPE merges at line 3"):
+        GLMTokenizer.from_files("gpt2", path)
+    path = _tiny_bpe(tmp_path, {"a": 0, "b": 1, "ab": 2}, "a b\n")
+    with pytest.raises(ValueError, match="not a GPT-2 vocab: it has no '<|endoftext|>' token"):
+        GLMTokenizer.from_files("gpt2", path)
+    path = _tiny_bpe(tmp_path, {"a": 0, "b": 5}, "")
+    with pytest.raises(ValueError, match="ids are not exactly 0..1"):
+        GLMTokenizer.from_files("gpt2", path)
+
+    vocab_txt = tmp_path / "vocab.txt"
+    vocab_txt.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\nhello\n")
+    with pytest.raises(ValueError, match=r"vocab.txt: malformed BERT vocab: no '\[MASK\]' line"):
+        GLMTokenizer.from_files("bert", vocab_txt)
+    vocab_txt.write_bytes(b"[PAD]\n[UNK]\n\xff\xfe\n")
+    with pytest.raises(ValueError, match=r"vocab.txt: not valid UTF-8 at byte offset 12 \(byte 0xff\)"):
+        GLMTokenizer.from_files("bert", vocab_txt)
+
+    sp = tmp_path / "spiece.model"
+    sp.write_bytes(b"this is not a protobuf")
+    with pytest.raises(ValueError, match="spiece.model: not a valid SentencePiece model"):
+        GLMTokenizer.from_files("chinese-sp", sp)
+
+    (tmp_path / "tokenizer_config.json").write_text('{"format": "something-else"}')
+    with pytest.raises(ValueError, match="not an openglm tokenizer config"):
+        GLMTokenizer.from_pretrained(tmp_path)
+
+
+def test_tiny_bpe_vocab_works(tmp_path: Path) -> None:
+    """A user's own small GPT-2-format vocab builds a tokenizer with the GPT-2 command layout."""
+    vocab = {"a": 0, "b": 1, "ab": 2, "<|endoftext|>": 3, "Ġ": 4}
+    tok = GLMTokenizer.from_files("gpt2", _tiny_bpe(tmp_path, vocab, "#version: 0.2\na b\n"))
+    assert tok.encode("ab a") == [2, 4, 0]
+    assert (tok.eos_id, tok.sop_id, tok.mask_id, tok.gmask_id, tok.dblock_id) == (3, 5, 8, 11, None)
+    assert tok.num_tokens == 13 and tok.vocab_size == 128
+
+
+def test_bad_input_text() -> None:
+    tok = _build("gpt2", "gpt2-vocab.json", True, True, False)
+    assert tok.encode("héllo".encode()) == tok.encode("héllo")
+    with pytest.raises(ValueError, match=r"text 1: not valid UTF-8 at byte offset 2 \(byte 0xff\)"):
+        tok.encode_batch(["fine", b"ok\xffno"])
+    with pytest.raises(ValueError, match="text 0: not encodable as UTF-8 at character offset 1"):
+        tok.encode("a\udcffb")
+    with pytest.raises(ValueError, match="token id 60000 is not in this gpt2 tokenizer"):
+        tok.decode([1, 60000])
+
+
+def test_missing_ids_are_none() -> None:
+    bert = _build("bert", "bert-large-uncased-vocab.txt", True, False, False)
+    assert (bert.gmask_id, bert.smask_id, bert.dblock_id) == (None, None, None)
+    assert bert.token_to_id("[gMASK]") is None and bert.token_to_id("hello") is not None
+    assert bert.token_to_id("[MASK]") == bert.mask_id
+    sp = _build("chinese-sp", "cog-pretrain.model", True, True, False)
+    assert sp.token_to_id("<|endofpiece|>") == sp.eop_id
+    assert sp.token_to_id("definitely-not-a-piece") is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Properties
+
+
+_no_commands = st.text(max_size=60).filter(
+    lambda s: s.strip() and not any(c in s for c in ("[", "<|"))  # no command strings, not blank
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_no_commands)
+def test_byte_level_round_trip(text: str) -> None:
+    """GPT-2 byte-level BPE is lossless for any text without command strings (and not blank, spec B.1)."""
+    tok = _build("gpt2", "gpt2-vocab.json", True, True, False)
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert max(ids) < 50257
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.text(max_size=30), max_size=6), st.sampled_from(["[MASK]", "[sMASK]", "[gMASK]", "[SEP]"]))
+def test_batch_equals_single_and_masks_split(texts: list[str], command: str) -> None:
+    tok = _build("gpt2", "gpt2-vocab.json", True, True, False)
+    joined = [f"{t} {command} {t}" for t in texts]
+    assert tok.encode_batch(joined) == [tok.encode(t) for t in joined]
+    for t in joined:
+        assert tok.token_to_id(command) in tok.encode(t)
