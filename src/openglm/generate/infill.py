@@ -441,7 +441,7 @@ def _splice(tokenizer: Any, source: str, context: list[int], fills: list[BlankFi
     out = [pieces[0]]
     for fill, after in zip(fills, pieces[1:], strict=True):
         piece = fill.text
-        if out[-1][-1:].isspace() and piece[:1].isspace():
+        if (not out[-1] or out[-1][-1:].isspace()) and piece[:1].isspace():
             piece = piece.lstrip()  # BPE fills carry their own leading space
         out.append(piece)
         out.append(after)
