@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tests.conftest import reference_dir, require, shared_data_dir
 
-from openglm.tokenizer import GLMTokenizer
+import openglm.tokenizer.train as train_module
+from openglm.tokenizer import GLM_SPECIAL_TOKENS, GLMTokenizer, corpus_files, train_tokenizer
 
 FACTORY = "tokenizer/official_factory"
 ENCODE_CASES = "tokenizer/encode_cases.json"
@@ -301,3 +302,96 @@ def test_batch_equals_single_and_masks_split(texts: list[str], command: str) -> 
     assert tok.encode_batch(joined) == [tok.encode(t) for t in joined]
     for t in joined:
         assert tok.token_to_id(command) in tok.encode(t)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Trained byte-level BPE
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.\n",
+    "GLM fills blanks: the capital of France is Paris.\n",
+    "清华大学位于北京。今天天气怎么样？\n",
+    "Emoji 😀🎉👍🏽 and symbols © ® ™ ∑ ∞ survive.\n",
+    "Café, naïve, résumé, Zürich, São Paulo.\n",
+] * 20
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> GLMTokenizer:
+    root = tmp_path_factory.mktemp("train")
+    (root / "corpus").mkdir()
+    (root / "corpus" / "a.txt").write_text("".join(_CORPUS[:50]), encoding="utf-8")
+    (root / "corpus" / "b.txt").write_text("".join(_CORPUS[50:]), encoding="utf-8")
+    (root / "corpus" / ".hidden").write_bytes(b"\xff not text, skipped")
+    out = train_tokenizer([str(root / "corpus")], vocab_size=400, out=str(root / "tok"), progress=False)
+    return GLMTokenizer.from_pretrained(out)
+
+
+def test_trained_tokenizer_layout(trained: GLMTokenizer) -> None:
+    n = trained.num_tokens
+    assert n <= 400 and trained.vocab_size == 512
+    # The GLM tokens follow the learned vocabulary, in the documented order.
+    tail = trained.convert_ids_to_tokens(list(range(n - len(GLM_SPECIAL_TOKENS), n)))
+    assert tail == list(GLM_SPECIAL_TOKENS)
+    assert trained.pad_id == trained.eos_id == trained.token_to_id("<|endoftext|>") == n - 1
+    ids = [trained.cls_id, trained.sep_id, trained.mask_id, trained.smask_id, trained.gmask_id]
+    ids += [trained.sop_id, trained.eop_id, trained.unk_id, trained.dblock_id]
+    assert ids == list(range(n - 10, n - 1))
+    # Mask tokens take the official GPT-2 whitespace rule.
+    assert trained.encode("at [MASK] (x") == trained.encode("at") + [trained.mask_id] + trained.encode(" (x")
+    assert trained.encode("a [SEP]") == trained.encode("a") + [trained.token_to_id("Ġ"), trained.sep_id]
+
+
+@settings(max_examples=150, deadline=None)
+@given(_no_commands)
+def test_trained_round_trip_any_unicode(trained: GLMTokenizer, text: str) -> None:
+    ids = trained.encode(text)
+    assert trained.decode(ids) == text
+    assert trained.unk_id not in ids
+
+
+def test_trained_from_files_and_resave(trained: GLMTokenizer, tmp_path: Path) -> None:
+    trained.save_pretrained(tmp_path)
+    again = GLMTokenizer.from_files("bpe", tmp_path)
+    assert again.command_tokens == trained.command_tokens
+    assert again.encode("北京 😀 [gMASK]") == trained.encode("北京 😀 [gMASK]")
+
+
+def test_iter_lines_streams_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = "ab\nc😀d\n\n北京\r\nlast line without newline"
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+    monkeypatch.setattr(train_module, "_CHUNK", 3)  # chunk edges fall inside lines and characters
+    batches = list(train_module.iter_lines([tmp_path / "t.txt"]))
+    assert "".join(line for batch in batches for line in batch) == text
+
+
+def test_corpus_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(FileNotFoundError, match="corpus file not found: .*missing.txt"):
+        corpus_files([str(tmp_path / "missing.txt")])
+    with pytest.raises(FileNotFoundError, match="corpus pattern matched no files"):
+        corpus_files([str(tmp_path / "*.nothing")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="corpus directory has no files"):
+        corpus_files([str(tmp_path / "empty")])
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes("ok 😀\nstill ok é ".encode() + b"\xc3(" + b" rest")
+    monkeypatch.setattr(train_module, "_CHUNK", 4)  # the error sits behind a character split across chunks
+    with pytest.raises(ValueError, match=r"bad.txt: not valid UTF-8 at byte offset 20"):
+        list(train_module.iter_lines([bad]))
+    with pytest.raises(ValueError, match="vocab_size=200 is too small"):
+        train_tokenizer([str(bad)], vocab_size=200, out=str(tmp_path / "o"), progress=False)
+
+
+def test_cli_train(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from openglm.cli import main
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(_CORPUS), encoding="utf-8")
+    main(["tokenizer", "train", str(corpus), "300", str(tmp_path / "tok"), "--progress", "false"])
+    assert GLMTokenizer.from_pretrained(tmp_path / "tok").num_tokens <= 300
+    corpus.write_bytes(b"abc\x80")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["tokenizer", "train", f"[{corpus}]", "300", str(tmp_path / "tok2")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"openglm: error: {corpus}: not valid UTF-8 at byte offset 3; convert the file to UTF-8"

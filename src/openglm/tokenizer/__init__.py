@@ -2,5 +2,6 @@
 byte-level BPE tokenizers with the GLM special tokens."""
 
 from openglm.tokenizer.glm import GLM_SPECIAL_TOKENS, KINDS, CommandToken, GLMTokenizer
+from openglm.tokenizer.train import corpus_files, train_tokenizer
 
-__all__ = ["GLM_SPECIAL_TOKENS", "KINDS", "CommandToken", "GLMTokenizer"]
+__all__ = ["GLM_SPECIAL_TOKENS", "KINDS", "CommandToken", "GLMTokenizer", "corpus_files", "train_tokenizer"]

@@ -97,6 +97,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; saved tokenizers are ordinary shareable files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -464,17 +465,19 @@ class GLMTokenizer:
             commands, n = build(text, main, opts)
             files = {"vocab.json": data, "merges.txt": merges_data}
         elif kind == "bpe":
-            data = _read(main, "tokenizer.json")
-            text = _tokenizer_json_text(data, main)
-            commands, n = _trained_commands(text, main)
-            opts = {}
-            files = {"tokenizer.json": data}
+            return cls._from_tokenizer_json(_read(main, "tokenizer.json"), main)
         else:
             data = _read(main, "SentencePiece model")
             text = _sp_text(data, main)
             commands, n = _chinese_commands(text, main, opts, fix=kind == "chinese-sp-fix")
             files = {"spiece.model": data}
         return cls(kind, text, commands, n, opts, files)
+
+    @classmethod
+    def _from_tokenizer_json(cls, data: bytes, path: Path) -> GLMTokenizer:
+        text = _tokenizer_json_text(data, path)
+        commands, n = _trained_commands(text, path)
+        return cls("bpe", text, commands, n, {}, {"tokenizer.json": data})
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> GLMTokenizer:
