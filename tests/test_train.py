@@ -1,0 +1,202 @@
+"""The training loop: schedule, parameter groups, learning, exact resume (in process and after kill -9)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from openglm import GLMConfig, GLMModel
+from openglm.train.checkpoint import checkpoint_dirs
+from openglm.train.loop import evaluate_loss, fit, glm_loss
+from openglm.train.optim import lr_at, param_groups
+from openglm.train.settings import OptimSettings, TrainSettings
+from openglm.train.synthetic import SyntheticBatches
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = GLMConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=128, max_sequence_length=32)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models on a shared CPU: one intra-op thread is several times faster than two fighting for cores.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _settings(**kw) -> TrainSettings:
+    base = dict(max_steps=6, micro_batch_size=4, progress=False, tensorboard=False, device="cpu")
+    base.update(kw)
+    return TrainSettings(**base)
+
+
+def _model(seed: int = 0, config: GLMConfig = TINY) -> GLMModel:
+    torch.manual_seed(seed)
+    return GLMModel(config)
+
+
+def _losses(run_dir: Path) -> list[float]:
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [x["loss"] for x in lines if "loss" in x]
+
+
+def test_official_schedule_values():
+    cos = OptimSettings(lr=1.0, schedule="cosine", warmup=0.1, lr_decay_iters=100, lr_decay_ratio=0.1)
+    assert lr_at(0, cos, 1000) == 0.0  # the official first update runs at lr 0
+    assert lr_at(5, cos, 1000) == pytest.approx(0.5)
+    assert lr_at(10, cos, 1000) == pytest.approx(1.0)
+    assert lr_at(55, cos, 1000) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay
+    assert lr_at(100, cos, 1000) == pytest.approx(0.1)
+    assert lr_at(500, cos, 1000) == pytest.approx(0.1)  # cosine stays at r x peak
+    lin = OptimSettings(lr=1.0, schedule="linear", warmup=0.0, lr_decay_iters=100, lr_decay_ratio=0.1)
+    assert lr_at(100, lin, 1000) == pytest.approx(0.1)
+    assert lr_at(110, lin, 1000) == pytest.approx(0.1 - 0.9 * 0.1)  # unclamped: keeps falling past D
+    assert lr_at(10_000, lin, 1000) == 0.0
+    # D defaults to max_steps and warmup is a fraction of D.
+    default = OptimSettings(lr=2.0, warmup=0.5)
+    assert lr_at(10, default, 40) == pytest.approx(1.0)
+
+
+def test_no_weight_decay_on_layernorm_and_biases():
+    model = _model()
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(n.endswith("bias") or "layernorm" in n for n in (names[id(p)] for p in no_decay["params"]))
+    assert "word_embeddings.weight" in {names[id(p)] for p in decay["params"]}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_settings_validation_names_the_field():
+    with pytest.raises(ValueError, match="train.grad_accum"):
+        TrainSettings(grad_accum=0)
+    with pytest.raises(ValueError, match="optim.schedule"):
+        OptimSettings(schedule="step")
+    with pytest.raises(ValueError, match="fp16"):
+        fit(_model(), SyntheticBatches(128, 16, 2), _settings(precision="fp16"))
+
+
+def test_loss_falls_on_a_repeated_batch():
+    batch = SyntheticBatches(TINY.vocab_size, 24, 4, seed=3).batch(0)
+    result = fit(_model(), [batch], _settings(max_steps=30), OptimSettings(lr=1e-2, warmup=0.0))
+    first, last = result.losses[0][1], result.losses[-1][1]
+    assert math.isfinite(last) and last < 0.5 * first
+
+
+def test_grad_accumulation_equals_one_big_batch():
+    cfg = TINY.replace(embedding_dropout_prob=0.0, attention_dropout_prob=0.0, output_dropout_prob=0.0)
+    big = SyntheticBatches(cfg.vocab_size, 24, 4, seed=5)
+    halves = [SyntheticBatches(cfg.vocab_size, 24, 2, seed=5, rank=r, world_size=2) for r in (0, 1)]
+
+    def interleaved():
+        for i in range(3):
+            yield halves[0].batch(i)
+            yield halves[1].batch(i)
+
+    a = fit(_model(1, cfg), big, _settings(max_steps=3))
+    b = fit(_model(1, cfg), list(interleaved()), _settings(max_steps=3, grad_accum=2))
+    for (_, x), (_, y) in zip(a.losses, b.losses, strict=True):
+        assert x == pytest.approx(y, abs=1e-5)
+
+
+class _NoState:
+    """A deterministic re-iterable source without state_dict: resume must skip consumed batches."""
+
+    def __init__(self) -> None:
+        self.inner = SyntheticBatches(TINY.vocab_size, 24, 2, seed=9)
+
+    def __iter__(self):
+        for i in range(1000):
+            yield self.inner.batch(i)
+
+
+@pytest.mark.parametrize("stateful", [True, False])
+def test_resume_in_process_is_bit_identical(tmp_path, stateful):
+    def source():
+        return SyntheticBatches(TINY.vocab_size, 24, 2, seed=9) if stateful else _NoState()
+
+    optim = OptimSettings(lr=5e-3, warmup=0.2, lr_decay_iters=6)
+    full = fit(_model(), source(), _settings(grad_accum=2), optim, run_dir=tmp_path / "full")
+    part = tmp_path / "part"
+    fit(_model(), source(), _settings(grad_accum=2, max_steps=4, save_every=2), optim, run_dir=part)
+    assert [p.name for p in checkpoint_dirs(part)] == ["step-00000002", "step-00000004"]
+    rest = fit(_model(seed=123), source(), _settings(grad_accum=2), optim, run_dir=part, resume=True)
+    assert [s for s, _ in rest.losses] == [5, 6]
+    assert _losses(part) == _losses(tmp_path / "full") == [x for _, x in full.losses]
+
+
+def test_evaluate_loss_per_objective():
+    model = _model().eval()
+    token = SyntheticBatches(TINY.vocab_size, 24, 2, seed=1, mode="token")
+    doc = SyntheticBatches(TINY.vocab_size, 24, 2, seed=2, mode="document")
+    batches = [token.batch(0), doc.batch(0), token.batch(1)]
+    out = evaluate_loss(model, batches)
+    assert set(out) == {"val_loss", "val_loss/token", "val_loss/document"}
+    with torch.no_grad():
+        s, w = glm_loss(model, batches[1])
+    assert out["val_loss/document"] == pytest.approx(float(s / w), rel=1e-6)
+
+
+_RUN = textwrap.dedent(
+    """
+    import sys, torch
+    from openglm import GLMConfig, GLMModel
+    from openglm.train.loop import fit
+    from openglm.train.settings import OptimSettings, TrainSettings
+    from openglm.train.synthetic import SyntheticBatches
+
+    def run(run_dir, resume):
+        torch.manual_seed(0)
+        cfg = GLMConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=128, max_sequence_length=32)
+        settings = TrainSettings(max_steps=16, micro_batch_size=2, grad_accum=2, save_every=1, keep_last=2,
+                                 progress=False, tensorboard=False, device="cpu")
+        fit(GLMModel(cfg), SyntheticBatches(cfg.vocab_size, 24, 2, seed=4), settings,
+            OptimSettings(lr=5e-3, warmup=0.1), run_dir=run_dir, resume=resume)
+
+    if __name__ == "__main__":
+        torch.set_num_threads(1)
+        run(sys.argv[1], sys.argv[2] == "1")
+    """
+)
+
+
+def _spawn(run_dir: Path, resume: bool) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    return subprocess.Popen(
+        [sys.executable, "-c", _RUN, str(run_dir), "1" if resume else "0"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def test_kill_9_then_resume_is_bit_identical(tmp_path):
+    killed = tmp_path / "killed"
+    proc = _spawn(killed, resume=False)
+    namespace: dict = {"__name__": "reference"}
+    exec(_RUN, namespace)
+    namespace["run"](tmp_path / "reference", False)  # the uninterrupted run, in this process meanwhile
+    deadline = time.time() + 120
+    metrics = killed / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed: " + proc.stderr.read().decode()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(_losses(killed)) < 16
+    namespace["run"](killed, True)  # resume here: same code, same thread count, one process start saved
+    assert _losses(killed) == _losses(tmp_path / "reference")
+    assert len(checkpoint_dirs(killed)) == 2
