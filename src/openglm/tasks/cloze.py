@@ -128,6 +128,10 @@ class ClozeTask:
                 f"expected one of {self.label_list}"
             ) from None
 
+    def predict(self, example: Example, scores: Sequence[float]) -> int:
+        """Predicted label index from this example's label/choice scores (argmax; ReCoRD: candidate index)."""
+        return int(np.argmax(np.asarray(scores)))
+
     def check_pattern(self, pattern_id: int | None) -> int:
         pid = self.default_pattern if pattern_id is None else pattern_id
         if pid not in self.pattern_ids:
@@ -411,13 +415,15 @@ def collate(samples: Sequence[ClozeSample]) -> dict[str, Tensor]:
     width = _trim_width(samples)
     labels = torch.tensor([s.label for s in samples], dtype=torch.long)
     if not multi:
-        return {
+        batch = {
             "input_ids": torch.from_numpy(np.stack([s.input_ids[:width] for s in samples])),
             "position_ids": torch.from_numpy(np.stack([s.position_ids[:, :width] for s in samples])),
             "sep": torch.tensor([s.sep for s in samples], dtype=torch.long),
-            "label_ids": torch.from_numpy(np.stack([s.label_ids for s in samples])),
             "labels": labels,
         }
+        if samples[0].label_ids is not None:  # cloze rows; classifier-head rows have no label words
+            batch["label_ids"] = torch.from_numpy(np.stack([s.label_ids for s in samples]))
+        return batch
     C = max(s.num_choices for s in samples)
     B = len(samples)
     eos = int(samples[0].input_ids[0, -1])

@@ -8,9 +8,12 @@ from __future__ import annotations
 import json
 import random
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from openglm.tasks.cloze import MASK, ClozeTask, Example, Fragment
 
@@ -482,6 +485,14 @@ class WSC(SuperGLUETask):
 
     def answers(self, example: Example, pattern_id: int) -> list[str]:
         return [" " + example.meta["span1_text"]] + [" " + c for c in example.meta.get("candidates", [])]
+
+    def predict(self, example: Example, scores: Sequence[float]) -> int:
+        # "True" iff the marked span (choice 0) beats every negative candidate (spec D.3).
+        return (
+            self.label_list.index("True")
+            if int(np.argmax(np.asarray(scores))) == 0
+            else self.label_list.index("False")
+        )
 
     def label_index(self, example: Example, split: str) -> int:
         # Training examples are all positives whose correct answer is choice 0 (spec D.3, `--loss-func mix`).

@@ -1,0 +1,669 @@
+"""`openglm finetune` and `openglm eval` (issue 7, spec D.2-D.6): full fine-tuning of a GLM checkpoint on a
+classification task (cloze or classifier head) with the shared training loop, keeping the best-dev model and
+writing a metrics JSON; zero-shot LM, seq2seq and infilling task names are handed to their own modules.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from openglm.tasks.classifier import (
+    GLMForSequenceClassification,
+    classifier_scores,
+    encode_classifier_example,
+    is_classifier_dir,
+)
+from openglm.tasks.cloze import (
+    ClozeSample,
+    ClozeTask,
+    Example,
+    cloze_loss,
+    cloze_scores,
+    collate,
+    encode_example,
+)
+from openglm.tasks.metrics import compute_metrics
+from openglm.tasks.superglue import SPLIT_FILES, TASKS, SuperGLUETask, get_task
+
+logger = logging.getLogger(__name__)
+
+MODES = ("cloze", "classifier")
+RECIPES = ("large", "10b")
+METRICS_FILE = "metrics.json"
+BEST_DIR = "best"
+# Task names served by the zero-shot LM / generation modules rather than by this one.
+LM_EVAL_TASKS = ("lambada", "wikitext", "perplexity", "multichoice")
+SEQ2SEQ_TASKS = ("xsum", "seq2seq", "cnn_dm", "gigaword")
+INFILLING_TASKS = ("blank", "yahoo")
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """Where a task's data is and how its model inputs are built.
+
+    Attributes:
+        data_dir: folder with the split files (SuperGLUE: train.jsonl / val.jsonl / test.jsonl; YAML tasks:
+            overrides the file's `data.dir`). For zero-shot LM tasks: the data file itself.
+        train_file: explicit training file (overrides `data_dir`).
+        dev_file: explicit development file.
+        test_file: explicit test file (evaluated with the best model when labelled).
+        pattern_id: cloze pattern; default the task's official one (GLM-10B used 0 for every task, spec D.3).
+        max_seq_length: row length; default the task's official one.
+        mode: `cloze` (pattern + verbalizer / answer scoring) or `classifier` (pooled head baseline, D.4).
+        pool_token: classifier pooling: `cls`, `start` or `pad`.
+        loss_func: `cross_entropy`, `hinge`, `generative` or `mix`; default the task's (WSC: mix).
+        length_penalty: multi-token score normaliser exponent; default the task's (WSC: 1).
+        max_train_examples: use only the first N training examples (quick runs).
+        max_eval_examples: evaluate only the first N examples.
+    """
+
+    data_dir: str | None = None
+    train_file: str | None = None
+    dev_file: str | None = None
+    test_file: str | None = None
+    pattern_id: int | None = None
+    max_seq_length: int | None = None
+    mode: str = "cloze"
+    pool_token: str = "cls"
+    loss_func: str | None = None
+    length_penalty: float | None = None
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"data.mode={self.mode!r}; expected one of {MODES}")
+        for name in ("max_seq_length", "max_train_examples", "max_eval_examples"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"data.{name}={value!r} must be positive")
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """Fine-tuning run settings; None means the official value for the task and recipe (spec D.6).
+
+    Attributes:
+        recipe: `large` (GLM-Base/Large scripts: lr 1e-5, wd 0.1, Adam betas .9/.999) or `10b` (the GLM-10B
+            DeepSpeed config: lr 5e-6, wd 0.01, betas .9/.95, batch 64, the XXLARGE epoch counts).
+        epochs: passes over the training set.
+        max_steps: optimizer steps; overrides `epochs`.
+        batch_size: examples per optimizer step.
+        eval_batch_size: examples per evaluation forward pass.
+        lr: peak learning rate.
+        weight_decay: AdamW weight decay.
+        warmup: linear warmup as a fraction of the run.
+        lr_decay_ratio: the linear decay ends at this fraction of the peak.
+        beta2: Adam beta2.
+        eps: Adam epsilon.
+        clip_grad: gradient-norm clipping (0 disables).
+        eval_every: steps between dev evaluations; default once per epoch.
+        seed: seeds the model's dropout and the shuffling.
+        device: `auto`, `cpu`, `cuda`, `cuda:N`.
+        precision: `fp32`, `bf16` or `fp16` (CUDA).
+        resume: continue from the newest checkpoint in the output directory.
+        progress: show progress bars.
+    """
+
+    recipe: str = "large"
+    epochs: int | None = None
+    max_steps: int | None = None
+    batch_size: int | None = None
+    eval_batch_size: int = 16
+    lr: float | None = None
+    weight_decay: float | None = None
+    warmup: float = 0.1
+    lr_decay_ratio: float = 0.1
+    beta2: float | None = None
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    eval_every: int | None = None
+    seed: int = 1234
+    device: str = "auto"
+    precision: str = "fp32"
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise ValueError(f"train.recipe={self.recipe!r}; expected one of {RECIPES}")
+        for name in ("epochs", "max_steps", "batch_size", "eval_batch_size", "eval_every"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"train.{name}={value!r} must be positive")
+
+
+# Shared defaults of the entry points; the dataclasses are frozen, so sharing one instance is safe.
+DEFAULT_DATA = TaskData()
+DEFAULT_TRAIN = FinetuneSettings()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Task and data resolution
+
+
+def resolve_task(task: str) -> ClozeTask:
+    """A built-in SuperGLUE task by name, or a YAML task file."""
+    if task.endswith((".yaml", ".yml")):
+        from openglm.tasks.custom import load_task
+
+        return load_task(task)
+    if task.lower() in TASKS:
+        return get_task(task)
+    known = sorted(TASKS) + list(LM_EVAL_TASKS + SEQ2SEQ_TASKS + INFILLING_TASKS)
+    raise ValueError(f"unknown task {task!r}; expected one of {known} or a task .yaml file")
+
+
+def split_file(task: ClozeTask, data: TaskData, split: str) -> Path:
+    """The data file of `split` for this task and settings."""
+    explicit = {"train": data.train_file, "dev": data.dev_file, "test": data.test_file}.get(split)
+    if explicit:
+        return Path(explicit)
+    if hasattr(task, "split_path"):  # YAML tasks know their own files
+        return task.split_path(split, data.data_dir)
+    if data.data_dir is None:
+        raise ValueError(
+            f"task {task.name}: pass --data.data_dir DIR (the folder with {SPLIT_FILES[split]}) "
+            f"or --data.{split}_file FILE"
+        )
+    return Path(data.data_dir) / SPLIT_FILES[split]
+
+
+def has_split(task: ClozeTask, data: TaskData, split: str) -> bool:
+    try:
+        return split_file(task, data, split).is_file()
+    except ValueError:
+        return False
+
+
+def load_examples(task: ClozeTask, data: TaskData, split: str, limit: int | None = None) -> list[Example]:
+    examples = task.read(split_file(task, data, split), split)
+    if not examples:
+        raise ValueError(f"task {task.name}: split {split} ({split_file(task, data, split)}) has no examples")
+    return examples[:limit] if limit else examples
+
+
+def encode_all(
+    task: ClozeTask, examples: Sequence[Example], tokenizer: Any, data: TaskData, split: str
+) -> list[ClozeSample]:
+    max_len = data.max_seq_length or task.max_seq_length
+    if data.mode == "classifier":
+        return [encode_classifier_example(task, e, tokenizer, max_len, split) for e in examples]
+    samples = [encode_example(task, e, tokenizer, data.pattern_id, max_len, split) for e in examples]
+    n_trunc = sum(s.truncated for s in samples)
+    if n_trunc:
+        logger.info(
+            "%s %s: %d of %d inputs truncated to %d tokens", task.name, split, n_trunc, len(samples), max_len
+        )
+    return samples
+
+
+def official_defaults(task: ClozeTask, settings: FinetuneSettings) -> dict[str, float]:
+    """epochs, batch_size, lr, weight_decay, beta2 for this task: explicit settings, else spec D.6."""
+    ten_b = settings.recipe == "10b"
+    if isinstance(task, SuperGLUETask):
+        d = task.defaults
+        base = {
+            "epochs": d.epochs_10b if ten_b else d.epochs,
+            "batch_size": 64 if ten_b else d.batch_size,
+        }
+    else:
+        custom = getattr(task, "defaults", {}) or {}
+        base = {"epochs": custom.get("epochs", 3), "batch_size": custom.get("batch_size", 16)}
+        for key in ("lr", "weight_decay", "warmup"):
+            if key in custom:
+                base[key] = custom[key]
+    base.setdefault("lr", 5e-6 if ten_b else 1e-5)
+    base.setdefault("weight_decay", 0.01 if ten_b else 0.1)
+    base["beta2"] = 0.95 if ten_b else 0.999
+    for key in ("epochs", "batch_size", "lr", "weight_decay", "beta2"):
+        value = getattr(settings, key)
+        if value is not None:
+            base[key] = value
+    return base
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batches, scoring, evaluation
+
+
+class EpochBatches:
+    """Re-iterable training batches: each pass is one epoch in a new order drawn from (seed, epoch).
+
+    `state_dict`/`load_state_dict` let the training loop resume at the exact batch.
+    """
+
+    def __init__(self, samples: Sequence[ClozeSample], batch_size: int, seed: int) -> None:
+        if not samples:
+            raise ValueError("no training examples")
+        self.samples = list(samples)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.samples) / self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.samples))
+        while self.position < len(self):
+            chunk = order[self.position * self.batch_size : (self.position + 1) * self.batch_size]
+            self.position += 1
+            yield collate([self.samples[i] for i in chunk])
+        self.epoch += 1
+        self.position = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def batch_scores(model: nn.Module, batch: dict[str, Tensor], mode: str, length_penalty: float) -> Tensor:
+    """Label/choice scores [B, K] of a batch for either mode."""
+    if mode == "classifier":
+        return classifier_scores(model, batch)
+    return cloze_scores(model, batch, length_penalty)
+
+
+@torch.no_grad()
+def predict_scores(
+    model: nn.Module,
+    samples: Sequence[ClozeSample],
+    mode: str,
+    length_penalty: float = 0.0,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> list[np.ndarray]:
+    """Scores of every example (one array of label or choice scores each), in input order."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    out: list[np.ndarray] = []
+    starts = range(0, len(samples), batch_size)
+    for start in tqdm(starts, desc="eval", disable=not progress, leave=False, dynamic_ncols=True):
+        chunk = samples[start : start + batch_size]
+        scores = batch_scores(model, collate(chunk), mode, length_penalty).float().cpu().numpy()
+        out.extend(
+            scores[i, : s.num_choices if s.targets is not None else scores.shape[1]]
+            for i, s in enumerate(chunk)
+        )
+    model.train(was_training)
+    return out
+
+
+def score_examples(
+    task: ClozeTask, examples: Sequence[Example], scores: Sequence[np.ndarray], split: str
+) -> dict[str, float]:
+    """The task's metrics for predicted scores (empty when the split is unlabelled)."""
+    labels = [task.label_index(e, split) for e in examples]
+    if any(label < 0 for label in labels):
+        return {}
+    predictions = [task.predict(e, s) for e, s in zip(examples, scores, strict=True)]
+    return compute_metrics(task.metrics, predictions, labels, examples)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model and tokenizer loading, saving
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_tokenizer(model_dir: str | os.PathLike, tokenizer: str | os.PathLike | None) -> Any:
+    from openglm.tokenizer import GLMTokenizer
+
+    source = Path(tokenizer) if tokenizer else Path(model_dir)
+    try:
+        return GLMTokenizer.from_pretrained(source)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err} -- pass --tokenizer DIR (a saved openglm tokenizer)") from None
+
+
+def load_model(
+    model_dir: str | os.PathLike, task: ClozeTask, data: TaskData, device: torch.device
+) -> nn.Module:
+    """The backbone for cloze mode; backbone + head for classifier mode (a saved head is reused)."""
+    from openglm.model import GLMModel
+
+    if is_classifier_dir(model_dir):
+        if data.mode != "classifier":
+            raise ValueError(f"{model_dir} holds a classifier-head model; pass --data.mode classifier")
+        return GLMForSequenceClassification.from_pretrained(model_dir, device=device)
+    backbone = GLMModel.from_pretrained(model_dir, device=device)
+    if data.mode == "cloze":
+        return backbone
+    num_classes = 1 if task.multi_token else len(task.label_list)
+    return GLMForSequenceClassification(backbone, num_classes, data.pool_token).to(device)
+
+
+def save_model_dir(model: nn.Module, tokenizer: Any, directory: Path) -> None:
+    """Write model + tokenizer into `directory`, replacing it only once the new copy is complete."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        old = directory.with_name(f".{directory.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        if directory.exists():
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically (temporary file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def finetune(
+    *,
+    task: str,
+    model: str,
+    out_dir: str,
+    tokenizer: str | None = None,
+    data: TaskData = DEFAULT_DATA,
+    train: FinetuneSettings = DEFAULT_TRAIN,
+) -> dict[str, Any]:
+    """Fine-tune a GLM checkpoint on a classification task and keep the best-dev model.
+
+    Cloze mode turns every example into a blank-infilling question (spec D.2); classifier mode trains the
+    pooled head baseline (D.4). The output directory receives `best/` (model + tokenizer of the best dev
+    evaluation), `metrics.json` (dev/test metrics, settings), the loop's `metrics.jsonl` and its resumable
+    checkpoints. Seq2seq and text-infilling task names are fine-tuned by their own modules.
+
+    Args:
+        task: `rte`, `cb`, `boolq`, `wic`, `multirc`, `copa`, `wsc`, `record`, or a task `.yaml` file.
+        model: checkpoint directory (`GLMModel.from_pretrained`), normally carrying its tokenizer.
+        out_dir: output directory.
+        tokenizer: tokenizer directory when `model` has none.
+        data: data and input settings.
+        train: run settings (defaults: the official hyper-parameters of the task).
+
+    Returns:
+        The contents of `metrics.json`.
+    """
+    if task.lower() in SEQ2SEQ_TASKS + INFILLING_TASKS + LM_EVAL_TASKS:
+        return _dispatch_finetune(task.lower(), model, out_dir, tokenizer, data, train)
+    from openglm.train.loop import fit
+    from openglm.train.settings import OptimSettings, TrainSettings
+
+    t = resolve_task(task)
+    out = Path(out_dir)
+    device = _device(train.device)
+    tok = load_tokenizer(model, tokenizer)
+    net = load_model(model, t, data, device)
+    _check_vocab(net, tok, model)
+    hp = official_defaults(t, train)
+    loss_func = data.loss_func or t.loss_func
+    length_penalty = t.length_penalty if data.length_penalty is None else data.length_penalty
+    if data.mode == "classifier":
+        loss_func = "cross_entropy"
+
+    train_examples = load_examples(t, data, "train", data.max_train_examples)
+    dev_examples = load_examples(t, data, "dev", data.max_eval_examples)
+    train_samples = encode_all(t, train_examples, tok, data, "train")
+    dev_samples = encode_all(t, dev_examples, tok, data, "dev")
+    batches = EpochBatches(train_samples, int(hp["batch_size"]), train.seed)
+    steps_per_epoch = len(batches)
+    max_steps = train.max_steps or int(hp["epochs"]) * steps_per_epoch
+    eval_every = min(train.eval_every or steps_per_epoch, max_steps)
+    logger.info(
+        "finetune %s (%s): %d train / %d dev examples, %d steps (%d per epoch), batch %d, lr %.2e",
+        t.name, data.mode, len(train_samples), len(dev_samples), max_steps, steps_per_epoch, hp["batch_size"], hp["lr"],
+    )  # fmt: skip
+
+    counter = {"micro_batches": 0}
+    best: dict[str, Any] = {"value": None, "step": None, "metrics": None}
+    key_metric = t.metrics[0]
+
+    def loss_fn(m: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        counter["micro_batches"] += 1
+        scores = batch_scores(m, batch, data.mode, length_penalty)
+        n = batch["labels"].numel()
+        return cloze_loss(scores, batch["labels"], loss_func) * n, torch.tensor(float(n))
+
+    def eval_fn(m: nn.Module) -> dict[str, float]:
+        from openglm import parallel
+
+        inner = parallel.unwrap(m)
+        scores = predict_scores(
+            inner, dev_samples, data.mode, length_penalty, train.eval_batch_size, train.progress
+        )
+        metrics = score_examples(t, dev_examples, scores, "dev")
+        if not metrics:
+            raise ValueError(
+                f"task {t.name}: the dev split has unlabelled examples; cannot select a best model"
+            )
+        step = counter["micro_batches"]
+        if best["value"] is None or metrics[key_metric] > best["value"]:
+            best.update(value=metrics[key_metric], step=step, metrics=metrics)
+            save_model_dir(inner, tok, out / BEST_DIR)
+            logger.info("new best dev %s = %.4f at step %d", key_metric, metrics[key_metric], step)
+        return {f"dev_{k}": v for k, v in metrics.items()}
+
+    settings = TrainSettings(
+        max_steps=max_steps,
+        micro_batch_size=int(hp["batch_size"]),
+        precision=train.precision,
+        strategy="none",
+        device=str(device),
+        seed=train.seed,
+        log_every=max(1, min(10, max_steps // 10)),
+        eval_every=eval_every,
+        keep_last=1,
+        progress=train.progress,
+        tensorboard=False,
+    )
+    optim = OptimSettings(
+        lr=float(hp["lr"]),
+        weight_decay=float(hp["weight_decay"]),
+        beta1=0.9,
+        beta2=float(hp["beta2"]),
+        eps=train.eps,
+        schedule="linear",
+        warmup=float(hp.get("warmup", train.warmup)),
+        lr_decay_ratio=train.lr_decay_ratio,
+        clip_grad=train.clip_grad,
+    )
+    started = time.time()
+    result = fit(
+        net,
+        batches,
+        settings,
+        optim,
+        run_dir=out,
+        loss_fn=loss_fn,
+        count_fn=lambda b: float(b["labels"].numel()),
+        eval_fn=eval_fn,
+        resume=train.resume,
+    )
+    report: dict[str, Any] = {
+        "task": t.name,
+        "mode": data.mode,
+        "pattern_id": None if data.mode == "classifier" else t.check_pattern(data.pattern_id),
+        "model": str(model),
+        "steps": result.step,
+        "train_examples": len(train_samples),
+        "best_step": best["step"],
+        "dev": best["metrics"],
+        "final_loss": result.losses[-1][1] if result.losses else None,
+        "seconds": round(time.time() - started, 1),
+        "hyperparameters": {
+            **hp,
+            "max_steps": max_steps,
+            "loss_func": loss_func,
+            "length_penalty": length_penalty,
+        },
+        "data": asdict(data),
+        "train": asdict(train),
+    }
+    if has_split(t, data, "test") and (out / BEST_DIR).is_dir():
+        test_examples = load_examples(t, data, "test", data.max_eval_examples)
+        best_model = load_model(out / BEST_DIR, t, data, device)
+        scores = predict_scores(
+            best_model,
+            encode_all(t, test_examples, tok, data, "test"),
+            data.mode,
+            length_penalty,
+            train.eval_batch_size,
+            train.progress,
+        )
+        report["test"] = score_examples(t, test_examples, scores, "test") or None
+    write_json(out / METRICS_FILE, report)
+    logger.info("best dev %s: %s; wrote %s", key_metric, best["metrics"], out / METRICS_FILE)
+    return report
+
+
+def evaluate(
+    *,
+    task: str,
+    model: str,
+    tokenizer: str | None = None,
+    data: TaskData = DEFAULT_DATA,
+    split: str = "dev",
+    batch_size: int = 16,
+    device: str = "auto",
+    output: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a (fine-tuned) checkpoint on a task split.
+
+    Classification tasks are scored as in fine-tuning (a directory saved in classifier mode is detected).
+    Zero-shot LM task names (`lambada`, `wikitext`, `perplexity`, `multichoice`; the data file is
+    `--data.data_dir`) and seq2seq / infilling names are handed to their modules.
+
+    Args:
+        task: a task name or a task `.yaml` file.
+        model: checkpoint directory.
+        tokenizer: tokenizer directory when `model` has none.
+        data: data and input settings.
+        split: `dev`, `test` or `train`.
+        batch_size: examples per forward pass.
+        device: `auto`, `cpu`, `cuda`, ...
+        output: also write the metrics (and per-example predictions) to this JSON file.
+        progress: show a progress bar.
+
+    Returns:
+        {"task", "split", "examples", metric: value, ...}.
+    """
+    name = task.lower()
+    if name in LM_EVAL_TASKS + SEQ2SEQ_TASKS + INFILLING_TASKS:
+        result = _dispatch_eval(name, model, tokenizer, data, split, batch_size, device, progress)
+    else:
+        t = resolve_task(task)
+        if is_classifier_dir(model) and data.mode != "classifier":
+            data = TaskData(**{**asdict(data), "mode": "classifier"})
+        dev = _device(device)
+        tok = load_tokenizer(model, tokenizer)
+        net = load_model(model, t, data, dev)
+        _check_vocab(net, tok, model)
+        length_penalty = t.length_penalty if data.length_penalty is None else data.length_penalty
+        examples = load_examples(t, data, split, data.max_eval_examples)
+        scores = predict_scores(
+            net, encode_all(t, examples, tok, data, split), data.mode, length_penalty, batch_size, progress
+        )
+        result = {"task": t.name, "split": split, "mode": data.mode, "examples": len(examples)}
+        result.update(score_examples(t, examples, scores, split))
+        if output:
+            preds = [
+                {"guid": e.guid, "prediction": t.predict(e, s), "scores": [round(float(x), 6) for x in s]}
+                for e, s in zip(examples, scores, strict=True)
+            ]
+            write_json(Path(output), {**result, "predictions": preds})
+            return result
+    if output:
+        write_json(Path(output), result)
+    return result
+
+
+def _check_vocab(net: nn.Module, tok: Any, model_dir: str | os.PathLike) -> None:
+    config = getattr(net, "config", None)
+    if config is not None and tok.num_tokens > config.vocab_size:
+        raise ValueError(
+            f"tokenizer has {tok.num_tokens} tokens but the model at {model_dir} only {config.vocab_size} rows"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hand-off to the zero-shot LM, seq2seq and infilling modules
+
+
+def _lm_data_path(data: TaskData, task: str) -> str:
+    path = data.test_file or data.dev_file or data.data_dir
+    if not path:
+        raise ValueError(f"task {task}: pass the data file with --data.data_dir FILE")
+    return path
+
+
+def _dispatch_eval(
+    task: str,
+    model: str,
+    tokenizer: str | None,
+    data: TaskData,
+    split: str,
+    batch_size: int,
+    device: str,
+    progress: bool,
+) -> dict[str, Any]:
+    if task in LM_EVAL_TASKS:
+        from openglm.tasks.lm_eval import run_lm_eval
+
+        return run_lm_eval(
+            task,
+            model,
+            _lm_data_path(data, task),
+            tokenizer_dir=tokenizer,
+            seq_length=data.max_seq_length,
+            batch_size=batch_size,
+            limit=data.max_eval_examples,
+            device=device,
+            progress=progress,
+        )
+    raise ValueError(
+        f"task {task!r}: evaluation of seq2seq / infilling tasks is not wired into `openglm eval` yet"
+    )
+
+
+def _dispatch_finetune(
+    task: str, model: str, out_dir: str, tokenizer: str | None, data: TaskData, train: FinetuneSettings
+) -> dict[str, Any]:
+    if task in LM_EVAL_TASKS:
+        raise ValueError(f"task {task!r} is a zero-shot evaluation; use `openglm eval --task {task}`")
+    raise ValueError(
+        f"task {task!r}: seq2seq / infilling fine-tuning is not wired into `openglm finetune` yet"
+    )
