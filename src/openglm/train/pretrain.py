@@ -1,0 +1,263 @@
+"""`openglm pretrain`: GLM pretraining from a YAML recipe plus dotted overrides (issue 5, spec C and C.10).
+
+`torchrun --nproc_per_node N -m openglm pretrain ...` runs the same function on N ranks (DDP or FSDP2).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from openglm import parallel
+from openglm.blank_infilling import ObjectiveConfig
+from openglm.config import GLMConfig, pad_vocab_size
+from openglm.model import GLMModel
+from openglm.train.loop import evaluate_loss, fit, seed_everything
+from openglm.train.settings import OptimSettings, TrainSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataSettings:
+    """Where pretraining batches come from.
+
+    Attributes:
+        path: token shards written by `openglm data prepare` (a directory holding manifest.json).
+        tokenizer: tokenizer directory; None means the one recorded in the shard manifest.
+        synthetic: train on synthetic blank-infilling batches instead (smoke tests, throughput, planning).
+        seq_length: sample length before corruption (512 in the official runs); at most the model's
+            max_sequence_length.
+        valid_fraction: share of documents held out for validation.
+        valid_batches: validation batches per objective (token / sentence / document).
+        seed: the data seed (sample stream, corruption, validation split).
+    """
+
+    path: str | None = None
+    tokenizer: str | None = None
+    synthetic: bool = False
+    seq_length: int = 512
+    valid_fraction: float = 0.01
+    valid_batches: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.seq_length < 8:
+            raise ValueError(f"data.seq_length={self.seq_length!r} must be >= 8")
+        if not 0.0 <= self.valid_fraction < 1.0:
+            raise ValueError(f"data.valid_fraction={self.valid_fraction!r} must be in [0, 1)")
+        if self.valid_batches < 0:
+            raise ValueError(f"data.valid_batches={self.valid_batches!r} must be >= 0")
+
+
+def _build_config(model: str, overrides: dict[str, Any], vocab_size: int | None) -> GLMConfig:
+    config = GLMConfig.resolve(model)
+    if overrides:
+        known = set(GLMConfig.__dataclass_fields__)
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"model_overrides: unknown GLMConfig field(s) {unknown}")
+        config = config.replace(**overrides)
+    if vocab_size is not None and "vocab_size" not in overrides and config.vocab_size != vocab_size:
+        log.info("vocab_size %d -> %d (the tokenizer's, padded to 128)", config.vocab_size, vocab_size)
+        config = config.replace(vocab_size=vocab_size)
+    if vocab_size is not None and config.vocab_size < vocab_size:
+        raise ValueError(
+            f"model_overrides.vocab_size={config.vocab_size} is smaller than the tokenizer's {vocab_size}"
+        )
+    return config
+
+
+def pretrain(
+    model: str = "tiny",
+    data: DataSettings = DataSettings(),  # noqa: B008 (never mutated; jsonargparse reads the defaults)
+    objective: ObjectiveConfig = ObjectiveConfig(),  # noqa: B008
+    train: TrainSettings = TrainSettings(),  # noqa: B008
+    optim: OptimSettings = OptimSettings(),  # noqa: B008
+    out_dir: str = "runs/pretrain",
+    model_overrides: dict[str, Any] | None = None,
+    init_from: str | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Pretrain GLM with autoregressive blank infilling.
+
+    Args:
+        model: architecture: a preset name (`tiny`, `small`, `glm-base`, `glm-large`, `glm-10b`, ...) or a
+            config.json path. vocab_size follows the tokenizer unless `model_overrides` sets it.
+        data: batch source settings.
+        objective: the blank-infilling objective mix (spec C.2-C.6).
+        train: run settings (steps, batch, precision, strategy, checkpoints, ...).
+        optim: AdamW and learning-rate schedule settings (spec C.10).
+        out_dir: run folder: metrics.jsonl, checkpoints/, and the final model in model/.
+        model_overrides: GLMConfig fields to change, e.g. {num_layers: 4, hidden_size: 256}.
+        init_from: start from these weights (an openglm checkpoint directory) instead of a fresh init.
+        resume: continue exactly from the newest checkpoint in out_dir.
+
+    Returns:
+        Summary: final step, last training loss, validation losses, the model directory.
+    """
+    if data.path is None and not data.synthetic:
+        raise ValueError(
+            "data.path is required (token shards from `openglm data prepare`), or set data.synthetic"
+        )
+    env = parallel.init_distributed(train.device, train.timeout_s)
+    try:
+        return _pretrain(
+            model, data, objective, train, optim, Path(out_dir), model_overrides or {}, init_from, resume, env
+        )
+    finally:
+        parallel.teardown()
+
+
+def _pretrain(
+    model_name: str,
+    data: DataSettings,
+    objective: ObjectiveConfig,
+    train: TrainSettings,
+    optim: OptimSettings,
+    out_dir: Path,
+    overrides: dict[str, Any],
+    init_from: str | None,
+    resume: bool,
+    env: parallel.DistEnv,
+) -> dict[str, Any]:
+    tokenizer = None
+    if data.synthetic:
+        config = _build_config(model_name, overrides, None)
+    else:
+        from openglm.data import ShardedCorpus
+
+        corpus = ShardedCorpus(data.path)
+        tok_dir = data.tokenizer or corpus.manifest.get("tokenizer")
+        if not tok_dir:
+            raise ValueError(f"{data.path}: the manifest names no tokenizer; set data.tokenizer")
+        from openglm.tokenizer import GLMTokenizer
+
+        tokenizer = GLMTokenizer.from_pretrained(tok_dir)
+        config = _build_config(model_name, overrides, pad_vocab_size(tokenizer.num_tokens))
+    if data.seq_length > config.max_sequence_length:
+        raise ValueError(
+            f"data.seq_length={data.seq_length} exceeds the model's max_sequence_length={config.max_sequence_length}"
+        )
+    train_batches, valid = _batches(data, objective, train, config, tokenizer, env)
+
+    seed_everything(train.seed)
+    net = GLMModel.from_pretrained(init_from, config=config) if init_from else GLMModel(config)
+    if env.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        settings = {
+            "model": config.to_dict(),
+            "data": asdict(data),
+            "objective": asdict(objective),
+            "train": asdict(train),
+            "optim": asdict(optim),
+            "world_size": env.world_size,
+        }
+        tmp = out_dir / "run.json.tmp"
+        tmp.write_text(json.dumps(settings, indent=2) + "\n")
+        os.replace(tmp, out_dir / "run.json")
+        log.info(
+            "GLM %.2fM parameters, %d rank(s), global batch %d x %d tokens",
+            config.num_parameters() / 1e6,
+            env.world_size,
+            train.micro_batch_size * train.grad_accum * env.world_size,
+            data.seq_length,
+        )
+
+    def eval_fn(m: torch.nn.Module) -> dict[str, float]:
+        return evaluate_loss(m, valid, device=env.device)
+
+    result = fit(
+        net,
+        train_batches,
+        train,
+        optim,
+        run_dir=out_dir,
+        eval_fn=eval_fn if valid else None,
+        resume=resume,
+        env=env,
+    )
+    model_dir = out_dir / "model"
+    if env.is_main and result.checkpoint is not None:
+        _export(result.checkpoint, model_dir, tokenizer)
+    summary: dict[str, Any] = {"step": result.step, "model_dir": str(model_dir)}
+    if result.losses:
+        summary["loss"] = result.losses[-1][1]
+    summary.update(result.eval)
+    return summary
+
+
+def _batches(data, objective, train, config, tokenizer, env) -> tuple[Any, list[dict[str, Any]]]:
+    if data.synthetic:
+        from openglm.train.synthetic import SyntheticBatches
+
+        def source(seed: int, mode: str = "token") -> SyntheticBatches:
+            return SyntheticBatches(
+                config.vocab_size,
+                data.seq_length,
+                train.micro_batch_size,
+                seed,
+                env.rank,
+                env.world_size,
+                mode,
+            )
+
+        held = source(data.seed + 1)
+        valid = [held.batch(i) for i in range(data.valid_batches)]
+        return source(data.seed), valid
+    from openglm.blank_infilling import SpecialTokens
+    from openglm.data import PretrainingBatches, ShardedCorpus, split_documents, validation_batches
+
+    corpus = ShardedCorpus(data.path)
+    special = SpecialTokens.from_tokenizer(tokenizer)
+    train_corpus, valid = corpus, []
+    if data.valid_fraction > 0 and data.valid_batches > 0:
+        train_ids, valid_ids = split_documents(len(corpus), data.valid_fraction, data.seed)
+        train_corpus = corpus.subset(train_ids)
+        per_mode = validation_batches(
+            corpus.subset(valid_ids),
+            special,
+            objective,
+            seq_length=data.seq_length,
+            batch_size=train.micro_batch_size,
+            num_batches=data.valid_batches,
+            seed=data.seed,
+        )
+        # Every rank evaluates its own share of the fixed validation batches; sums are reduced over ranks.
+        flat = [b for batches in per_mode.values() for b in batches]
+        valid = flat[env.rank :: env.world_size]
+    batches = PretrainingBatches(
+        train_corpus,
+        special,
+        objective,
+        seq_length=data.seq_length,
+        batch_size=train.micro_batch_size,
+        seed=data.seed,
+        rank=env.rank,
+        world_size=env.world_size,
+        pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0,
+    )
+    return batches, valid
+
+
+def _export(checkpoint: Path, model_dir: Path, tokenizer: Any) -> None:
+    """Copy the final weights (and the tokenizer) into out_dir/model, a directory `openglm infill` loads."""
+    import shutil
+
+    tmp = model_dir.with_name(model_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy2(checkpoint / name, tmp / name)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    os.replace(tmp, model_dir)
