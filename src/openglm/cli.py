@@ -9,7 +9,6 @@ from collections.abc import Callable
 from typing import Any
 
 from openglm.convert import convert
-from openglm.tasks.run import evaluate, finetune
 from openglm.generate.command import infill
 from openglm.tasks.run import evaluate, finetune
 from openglm.tokenizer import train_tokenizer
@@ -18,8 +17,6 @@ from openglm.tokenizer import train_tokenizer
 def _commands() -> dict[str, Any]:
     table: dict[str, Any] = {
         "convert": convert,
-        "finetune": finetune,
-        "eval": evaluate,
         "finetune": finetune,
         "eval": evaluate,
         "infill": infill,
