@@ -12,11 +12,17 @@ from openglm.convert import convert
 from openglm.generate.command import infill
 from openglm.tasks.run import evaluate, finetune
 from openglm.tokenizer import train_tokenizer
+from openglm.train.plan import plan
+from openglm.train.plot import plot
+from openglm.train.pretrain import pretrain
 
 
 def _commands() -> dict[str, Any]:
     table: dict[str, Any] = {
         "convert": convert,
+        "pretrain": pretrain,
+        "plan": plan,
+        "plot": plot,
         "finetune": finetune,
         "eval": evaluate,
         "infill": infill,
