@@ -400,3 +400,60 @@ def test_text_level_fill_and_score_with_tokenizer() -> None:
     assert len(scores) == 3 and all(s < 0 for s in scores)
     with pytest.raises(ValueError, match="blank=3"):
         score_fills(model, tokenizer, texts[0], ["x"], blank=3)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# CLI
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    tokenizer = _official_tokenizer("gpt2")
+    model = _tiny_model(10, vocab_size=tokenizer.vocab_size)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_cli_infill(model_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    import io
+
+    from openglm.cli import main
+
+    prompt = "Tsinghua University is located in [MASK]."
+    main(["infill", str(model_dir), prompt, "--max_length", "3"])
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("Tsinghua University is located in") and "[MASK]" not in line
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{prompt}\nThe [MASK] of France is [sMASK].\n\nNo mask at all\n")
+    main(
+        ["infill", str(model_dir), f"@{prompts}", "--max_length", "3", "--num_beams", "2", "--jsonl", "true"]
+    )
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [len(r["blanks"]) for r in rows] == [1, 2, 1]
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{prompt}\nNo mask\n"))
+    main(
+        [
+            "infill",
+            str(model_dir),
+            "-",
+            "--max_length",
+            "3",
+            "--sample",
+            "true",
+            "--seed",
+            "1",
+            "--batch_size",
+            "1",
+        ]
+    )
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{prompt}\nstop\n"))
+    main(["infill", str(model_dir), "-", "--interactive", "true", "--max_length", "3"])
+    out = capsys.readouterr().out
+    assert "[blank 1]" in out and out.count(">>>") == 2
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["infill", str(model_dir), f"@{tmp_path / 'missing.txt'}"])
+    assert exit_info.value.code == 2 and "missing.txt" in capsys.readouterr().err
