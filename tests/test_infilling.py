@@ -1,0 +1,154 @@
+"""Text infilling (spec D.8, E.3): blanking at a mask ratio, the multi-blank layout, greedy multi-blank
+decoding after a few training steps, and corpus BLEU against hand computations (and sacrebleu if present)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from tests.conftest import shared_data_dir
+
+from openglm.config import GLMConfig
+from openglm.model import GLMModel
+from openglm.tasks.infilling import (
+    corpus_bleu,
+    decode_blanks,
+    fill_in,
+    finetune_infilling,
+    infilling_sample,
+    mask_words,
+    read_documents,
+)
+from openglm.tasks.lm_eval import collate
+from openglm.tasks.seq2seq import smoothed_loss_fn
+
+
+def char_tokenizer() -> SimpleNamespace:
+    """One id per character (spaces dropped); "[MASK]" is the mask token."""
+
+    def encode(text: str) -> list[int]:
+        out = []
+        for i, part in enumerate(text.split("[MASK]")):
+            if i:
+                out.append(2)
+            out += [ord(c) % 200 + 40 for c in part.replace(" ", "")]
+        return out
+
+    return SimpleNamespace(
+        pad_id=0,
+        eos_id=0,
+        cls_id=1,
+        mask_id=2,
+        sop_id=3,
+        eop_id=4,
+        gmask_id=None,
+        smask_id=None,
+        encode=encode,
+    )
+
+
+def test_mask_words_ratio_and_runs() -> None:
+    text = " ".join(f"w{i}" for i in range(40))
+    masked, answers = mask_words(text, 0.25, np.random.default_rng(3))
+    assert masked.count("[MASK]") == len(answers)
+    assert sum(len(a.split()) for a in answers) == 10
+    assert fill_in(masked, answers) == text
+    # Adjacent blanked words collapse into one mask.
+    masked, answers = mask_words(
+        "a b c d", 0.5, SimpleNamespace(choice=lambda n, size, replace: np.array([1, 2]))
+    )
+    assert (masked, answers) == ("a [MASK] d", ["b c"])
+    assert mask_words("a b c", 0.0, np.random.default_rng(0)) == ("a b c", [])
+
+
+def test_infilling_layout() -> None:
+    tok = char_tokenizer()
+    s = infilling_sample("ab [MASK] c [MASK]", ["xy", "z"], tok, src_seq_length=10, mask_ratio=0.6)
+    a = [1, *tok.encode("ab"), 2, *tok.encode("c"), 2, 0]  # [CLS] a b [MASK] c [MASK] eos
+    x, y, z = tok.encode("xyz")
+    assert s["sep"] == 10 and s["mask_positions"] == [3, 5]
+    assert s["input_ids"].tolist() == a + [0, 0, 0] + [3, x, y, 3, z, 0]
+    assert s["targets"].tolist() == [0] * 10 + [x, y, 4, z, 4, 0]
+    assert s["loss_mask"].tolist() == [0] * 10 + [1] * 5 + [0]
+    assert s["position_ids"][0].tolist() == list(range(10)) + [3, 3, 3, 5, 5, 0]
+    assert s["position_ids"][1].tolist() == [0] * 10 + [1, 2, 3, 1, 2, 0]
+    # Spans that do not fit the Part B budget floor(src x m) are dropped whole.
+    s = infilling_sample("ab [MASK] c [MASK]", ["xy", "z"], tok, src_seq_length=10, mask_ratio=0.4)
+    assert s["targets"].tolist()[10:] == [x, y, 4, 0]
+
+
+def test_bleu_against_hand_computation() -> None:
+    assert corpus_bleu(["a b c d"], ["a b c d"]) == pytest.approx(100.0)
+    assert corpus_bleu(["x y z w"], ["a b c d"]) == 0.0
+    hyp, ref = "the cat sat on the mat today", "the cat sat on a mat today ok"
+    # 1-grams 6/7, 2-grams 4/6, 3-grams 2/5, 4-grams 1/4; c = 7 < r = 8.
+    expected = (
+        100
+        * math.exp(1 - 8 / 7)
+        * math.exp((math.log(6 / 7) + math.log(4 / 6) + math.log(2 / 5) + math.log(1 / 4)) / 4)
+    )
+    assert corpus_bleu([hyp], [ref]) == pytest.approx(expected)
+    # Clipping: a repeated word counts at most as often as in the reference.
+    assert corpus_bleu(["the the the the"], ["the cat"], max_n=1) == pytest.approx(100 * 1 / 4)
+    sacrebleu = pytest.importorskip("sacrebleu")
+    hyps = [hyp, "a b c d e f", "one two three four five"]
+    refs = [ref, "a b c x e f", "one two three four six"]
+    theirs = sacrebleu.corpus_bleu(hyps, [refs], tokenize="none", smooth_method="none").score
+    assert corpus_bleu(hyps, refs) == pytest.approx(theirs)
+
+
+def test_tiny_model_learns_to_fill_two_blanks() -> None:
+    """Training steps on one blanked text, then greedy decoding fills both blanks, the second after the first."""
+    from openglm.train.loop import fit
+    from openglm.train.settings import OptimSettings, TrainSettings
+
+    torch.manual_seed(0)
+    tok = char_tokenizer()
+    model = GLMModel(GLMConfig.from_name("tiny"))
+    sample = infilling_sample("ab [MASK] cd [MASK] e", ["xy", "z"], tok, src_seq_length=12, mask_ratio=0.5)
+    settings = TrainSettings(max_steps=30, device="cpu", progress=False, eval_every=0, log_every=100)
+    optim = OptimSettings(lr=1e-2, warmup=0.0, schedule="constant")
+    fit(model, [collate([sample], tok.pad_id)], settings, optim, loss_fn=smoothed_loss_fn(0.1))
+    query = infilling_sample("ab [MASK] cd [MASK] e", None, tok, src_seq_length=12, mask_ratio=0.5)
+    assert decode_blanks(model, [query], tok, max_length=4) == [[tok.encode("xy"), tok.encode("z")]]
+
+
+def test_finetune_infilling_end_to_end(tmp_path: Path) -> None:
+    from openglm.tokenizer import GLMTokenizer
+
+    vocab = shared_data_dir() / "tokenizers" / "bert-large-uncased-vocab.txt"
+    if not vocab.is_file():
+        pytest.skip(f"tokenizer files not available: {vocab}")
+    tok = GLMTokenizer.from_files("bert", vocab)
+    torch.manual_seed(0)
+    GLMModel(GLMConfig.from_name("tiny", vocab_size=tok.vocab_size)).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    docs = ["i think the answer is yes because it works for me", "you should ask your doctor about the pain"]
+    (tmp_path / "train.txt").write_text("\n".join(docs) + "\n")
+    result = finetune_infilling(
+        str(tmp_path / "base"),
+        str(tmp_path / "train.txt"),
+        str(tmp_path / "run"),
+        dev_data=str(tmp_path / "train.txt"),
+        mask_ratio=0.2,
+        src_seq_length=32,
+        max_steps=2,
+        batch_size=2,
+        lr=1e-3,
+        progress=False,
+        device="cpu",
+    )
+    assert result["step"] == 2 and math.isfinite(result["train_loss"])
+    assert result["dev"]["count"] == 2 and 0.0 <= result["dev"]["bleu"] <= 100.0
+    assert (Path(result["best"]) / "config.json").is_file()
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["step"] == 2
+
+
+def test_yahoo_documents_read(shared_data: Path) -> None:
+    docs = read_documents(shared_data / "yahoo" / "val.txt", limit=5)
+    assert len(docs) == 5 and all(20 <= len(d.split()) <= 200 for d in docs)
