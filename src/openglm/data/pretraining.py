@@ -1,0 +1,281 @@
+"""Pretraining samples and batches (spec C.1, C.7): documents packed into [CLS] doc eos samples, then the
+blank-infilling objective per batch, yielded as padded tensors deterministic in (seed, step, rank)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from openglm.blank_infilling import (
+    MODES,
+    BlankInfilling,
+    BlockBatch,
+    ObjectiveConfig,
+    SpecialTokens,
+    pad_rows,
+)
+
+log = logging.getLogger(__name__)
+
+# Salts keep the sample stream, the batch stream and validation streams independent for one seed.
+_SAMPLE_SALT = 0x5A
+_BATCH_SALT = 0xB7
+_VALID_SALT = 0x7A
+
+
+class Corpus(Protocol):
+    """What sample assembly needs from a tokenized corpus (ShardedCorpus and InMemoryCorpus have it)."""
+
+    doc_lengths: np.ndarray  # int64 [num_docs], tokens per document (no eos)
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> np.ndarray: ...
+
+
+class SampleAssembler:
+    """Builds sample `index` of the pretraining stream (spec C.1).
+
+    Documents are drawn with probability proportional to their length (eos included). A document that
+    does not fit is cropped at a random start moved to a sentence boundary (up to seq/2 tokens back or
+    forward, 50/50) and its right end is cut back to a sentence end when that keeps half the length.
+    Shorter documents are packed, each as [CLS] tokens eos, until the sequence is full.
+
+    Args:
+        corpus: the tokenized documents.
+        special: token ids and the sentence-end table.
+        seq_length: the sample length (512 for the released models).
+        seed: the stream's seed; sample `index` depends only on (seed, index).
+        sentence_start: move the crop start to a sentence boundary (official non_sentence_start=0).
+    """
+
+    def __init__(
+        self,
+        corpus: Corpus,
+        special: SpecialTokens,
+        seq_length: int = 512,
+        seed: int = 0,
+        sentence_start: bool = True,
+    ) -> None:
+        if seq_length < 8:
+            raise ValueError(f"seq_length must be >= 8, got {seq_length}")
+        lengths = np.asarray(corpus.doc_lengths, dtype=np.int64)
+        if lengths.size == 0 or int(lengths.sum()) == 0:
+            raise ValueError("the corpus holds no tokens")
+        self.corpus = corpus
+        self.special = special
+        self.seq_length = seq_length
+        self.seed = seed
+        self.sentence_start = sentence_start
+        self.cum_weights = np.cumsum(lengths + 1)  # +1: the eos appended to every document
+
+    def _draw_document(self, rng: np.random.Generator) -> np.ndarray:
+        doc = int(np.searchsorted(self.cum_weights, rng.integers(self.cum_weights[-1]), side="right"))
+        tokens = np.asarray(self.corpus[doc], dtype=np.int64)
+        return np.concatenate((tokens, [self.special.eos]))
+
+    def _right_strip(self, tokens: np.ndarray, limit: int) -> np.ndarray:
+        """Cut to at most `limit` tokens, back to a sentence end if that keeps at least limit // 2."""
+        n = tokens.shape[0]
+        if n <= limit:
+            return tokens
+        ends = np.flatnonzero(self.special.is_sentence_end(tokens[:limit]))
+        keep = int(ends[-1]) + 1 if ends.size else 0
+        if keep < limit // 2 or keep < 1:
+            keep = limit
+        return tokens[:keep]
+
+    def __call__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sample `index`: (tokens int64 [<= seq_length], loss_mask int64, 0 on every [CLS])."""
+        rng = np.random.default_rng([self.seed, _SAMPLE_SALT, index])
+        seq, cls = self.seq_length, self.special.cls
+        doc = self._draw_document(rng)
+        excess = doc.shape[0] - (seq - 1)
+        if excess > 0:
+            start = int(rng.integers(excess))
+            if self.sentence_start:
+                start = self._align_start(rng, doc, start)
+            piece = np.concatenate(([cls], doc[start:]))
+            pieces = [self._right_strip(piece, seq)]
+        else:
+            pieces = [np.concatenate(([cls], doc))]
+            total = pieces[0].shape[0]
+            while total < seq:
+                piece = np.concatenate(([cls], self._draw_document(rng)))
+                piece = self._right_strip(piece, seq - total)
+                pieces.append(piece)
+                total += piece.shape[0]
+        tokens = np.concatenate(pieces)
+        return tokens, (tokens != cls).astype(np.int64)
+
+    def _align_start(self, rng: np.random.Generator, doc: np.ndarray, start: int) -> int:
+        """Move a crop start to just after a sentence end, up to seq/2 tokens back or forward (50/50)."""
+        ends = self.special.is_sentence_end(doc)
+        budget = self.seq_length // 2
+        if start == 0 or ends[start - 1]:
+            return start
+        if rng.random() < 0.5:
+            lo = max(1, start - budget)
+            hits = np.flatnonzero(ends[lo - 1 : start - 1])  # ends[s - 1] for s in lo..start-1
+            if hits.size:
+                return int(lo + hits[-1])
+            return max(0, start - budget)
+        hi = min(doc.shape[0] - 2, start + budget)  # keep at least one token and the eos
+        hits = np.flatnonzero(ends[start:hi])  # ends[s - 1] for s in start+1..hi
+        if hits.size:
+            return int(start + 1 + hits[0])
+        return max(start, hi)
+
+
+class PretrainingBatches(IterableDataset):
+    """Padded GLM pretraining batches, deterministic in (seed, step, rank, world_size).
+
+    Batch `step` on `rank` holds the global samples (step * world_size + rank) * batch_size + j and is
+    corrupted with a generator seeded by (seed, step, rank, world_size); DataLoader workers split the
+    steps round-robin, so the stream is the same for any number of workers. Samples whose spans do not
+    fit are dropped as in the official collator, so a batch may hold fewer than batch_size rows.
+
+    Each batch is a dict: input_ids [B,T] long, position_ids [B,2,T] long, sep [B] long, targets [B,T]
+    long (logit i predicts targets[i]), loss_mask [B,T] float, mode (str), step (int).
+
+    Args:
+        corpus: tokenized documents (ShardedCorpus, InMemoryCorpus, or a subset of one).
+        special: token ids and sentence ends (`SpecialTokens.from_tokenizer(tokenizer)`).
+        objective: the objective mix.
+        seq_length: sample length before corruption.
+        batch_size: rows per batch on this rank (before drops).
+        seed: the run's data seed.
+        rank: this data-parallel rank (passed in, never read from the environment).
+        world_size: the number of data-parallel ranks.
+        start_step: the first step to yield (resume); `load_state_dict` sets it too.
+        num_steps: stop before this step (None: infinite).
+        pad_to_multiple_of: pad T up to a multiple of this (static shapes for compiled models).
+        pad_id: the padding id for tokens and targets (0 officially; the loss mask hides it).
+    """
+
+    def __init__(
+        self,
+        corpus: Corpus,
+        special: SpecialTokens,
+        objective: ObjectiveConfig | None = None,
+        seq_length: int = 512,
+        batch_size: int = 16,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        start_step: int = 0,
+        num_steps: int | None = None,
+        pad_to_multiple_of: int = 1,
+        pad_id: int = 0,
+    ) -> None:
+        super().__init__()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.objective = BlankInfilling(objective or ObjectiveConfig(), special)
+        self.assembler = SampleAssembler(corpus, special, seq_length, seed)
+        self.seq_length = seq_length
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.next_step = start_step
+        self.num_steps = num_steps
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.pad_id = pad_id
+
+    def rows(self, step: int) -> BlockBatch:
+        """The unpadded rows of batch `step` on this rank."""
+        first = (step * self.world_size + self.rank) * self.batch_size
+        samples = [self.assembler(first + j) for j in range(self.batch_size)]
+        rng = np.random.default_rng([self.seed, _BATCH_SALT, step, self.rank, self.world_size])
+        return self.objective([s[0] for s in samples], rng, [s[1] for s in samples])
+
+    def batch(self, step: int) -> dict[str, Any]:
+        """Batch `step` on this rank as tensors (random access; the iterator yields the same)."""
+        return collate(self.rows(step), self.pad_to_multiple_of, self.pad_id, step=step)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        step = self.next_step + worker
+        while self.num_steps is None or step < self.num_steps:
+            batch = self.batch(step)
+            if info is None:
+                self.next_step = step + 1  # only meaningful in-process; workers hold copies
+            yield batch
+            step += workers
+
+    def state_dict(self) -> dict[str, int]:
+        """The resume state: the next step to yield. With DataLoader workers, save the training loop's
+        own step counter instead (the workers' copies of this object are not visible here)."""
+        return {"step": self.next_step}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume at `state["step"]` (the next batch yielded is exactly that step's batch)."""
+        self.next_step = int(state["step"])
+
+
+def collate(
+    batch: BlockBatch, pad_to_multiple_of: int = 1, pad_id: int = 0, step: int | None = None
+) -> dict[str, Any]:
+    """Pad a BlockBatch into the training dict of tensors (spec C.7)."""
+    width = max((len(r) for r in batch.rows), default=0)
+    if pad_to_multiple_of > 1:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    arrays = pad_rows(batch.rows, width, pad_id)
+    out: dict[str, Any] = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    out["mode"] = batch.mode
+    if step is not None:
+        out["step"] = step
+    return out
+
+
+def validation_batches(
+    corpus: Corpus,
+    special: SpecialTokens,
+    objective: ObjectiveConfig | None = None,
+    seq_length: int = 512,
+    batch_size: int = 16,
+    num_batches: int = 4,
+    seed: int = 0,
+    modes: tuple[str, ...] = MODES,
+) -> dict[str, list[dict[str, Any]]]:
+    """Fixed held-out batches per objective ("token", "sentence", "document") for evaluation.
+
+    Use a held-out corpus (e.g. `corpus.subset(valid_ids)` from `split_documents`); the sample and
+    corruption streams are salted so they never coincide with the training stream of the same seed.
+
+    Returns:
+        mode -> list of `num_batches` batch dicts (the same on every call and every rank).
+    """
+    base = objective or ObjectiveConfig()
+    out: dict[str, list[dict[str, Any]]] = {}
+    for k, mode in enumerate(modes):
+        data = PretrainingBatches(
+            corpus,
+            special,
+            base.only(mode),
+            seq_length=seq_length,
+            batch_size=batch_size,
+            seed=seed * 1000 + _VALID_SALT + k,
+        )
+        out[mode] = [data.batch(step) for step in range(num_batches)]
+    return out
+
+
+def split_documents(num_docs: int, valid_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded train/validation split of document ids (at least one validation document)."""
+    if not 0.0 < valid_fraction < 1.0:
+        raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
+    if num_docs < 2:
+        raise ValueError(f"need at least 2 documents to split, got {num_docs}")
+    order = np.random.default_rng([seed, _VALID_SALT]).permutation(num_docs)
+    n_valid = min(num_docs - 1, max(1, int(round(num_docs * valid_fraction))))
+    return np.sort(order[n_valid:]), np.sort(order[:n_valid])

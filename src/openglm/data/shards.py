@@ -1,0 +1,493 @@
+"""Corpus -> token shards (`openglm data prepare`) and the readers over them (spec C.1 input side).
+
+A shard directory holds `manifest.json`, and per shard a flat token file (`shard-NNNNN.bin`, uint16 when
+the vocabulary fits, else uint32) with a document index (`shard-NNNNN.idx.npy`, int64 offsets [docs+1])."""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import io
+import json
+import logging
+import multiprocessing
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+
+# The official corpus readers map typographic quotes and dashes to ASCII before tokenizing.
+_PUNCTUATION = str.maketrans({"‘": "'", "’": "'", "“": '"', "”": '"', "–": "-", "—": "-"})
+
+
+# --------------------------------------------------------------------------------------------------------
+# Readers
+
+
+class InMemoryCorpus:
+    """Tokenized documents held in memory (tests, small corpora, fixture samples)."""
+
+    def __init__(self, documents: Sequence[Sequence[int] | np.ndarray]) -> None:
+        self.documents = [np.asarray(d, dtype=np.int64) for d in documents]
+        self.doc_lengths = np.array([d.shape[0] for d in self.documents], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.documents)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.documents[index]
+
+    def subset(self, doc_ids: Sequence[int] | np.ndarray) -> CorpusSubset:
+        return CorpusSubset(self, doc_ids)
+
+
+class ShardedCorpus:
+    """Read-only view of a shard directory; cheap to pickle into DataLoader workers and many ranks
+    (the token files are memory-mapped lazily in each process)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"{manifest_path}: no shard manifest (run `openglm data prepare` first)")
+        self.manifest = json.loads(manifest_path.read_text())
+        if self.manifest.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{manifest_path}: format_version {self.manifest.get('format_version')} is not {FORMAT_VERSION}"
+            )
+        self.dtype = np.dtype(self.manifest["dtype"])
+        self._offsets = [np.load(self.path / s["index"]) for s in self.manifest["shards"]]
+        self.doc_lengths = (
+            np.concatenate([np.diff(o) for o in self._offsets]).astype(np.int64)
+            if self._offsets
+            else np.zeros(0, dtype=np.int64)
+        )
+        self._first_doc = np.cumsum([0] + [len(o) - 1 for o in self._offsets])
+        self._maps: list[np.memmap | None] = [None] * len(self._offsets)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.doc_lengths.sum())
+
+    def __len__(self) -> int:
+        return int(self.doc_lengths.shape[0])
+
+    def _tokens(self, shard: int) -> np.ndarray:
+        mapped = self._maps[shard]
+        if mapped is None:
+            info = self.manifest["shards"][shard]
+            if info["num_tokens"] == 0:
+                mapped = np.zeros(0, dtype=self.dtype)
+            else:
+                mapped = np.memmap(self.path / info["tokens"], dtype=self.dtype, mode="r")
+            self._maps[shard] = mapped
+        return mapped
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        """Document `index` as int64 tokens (no [CLS]/eos)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"document {index} out of range (corpus has {len(self)})")
+        shard = int(np.searchsorted(self._first_doc, index, side="right")) - 1
+        local = index - int(self._first_doc[shard])
+        offsets = self._offsets[shard]
+        return np.asarray(self._tokens(shard)[offsets[local] : offsets[local + 1]], dtype=np.int64)
+
+    def subset(self, doc_ids: Sequence[int] | np.ndarray) -> CorpusSubset:
+        return CorpusSubset(self, doc_ids)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_maps"] = [None] * len(self._offsets)  # re-map in the receiving process
+        return state
+
+
+class CorpusSubset:
+    """Some documents of a corpus (e.g. a held-out split from `split_documents`)."""
+
+    def __init__(self, corpus: Any, doc_ids: Sequence[int] | np.ndarray) -> None:
+        self.corpus = corpus
+        self.doc_ids = np.asarray(doc_ids, dtype=np.int64)
+        self.doc_lengths = np.asarray(corpus.doc_lengths, dtype=np.int64)[self.doc_ids]
+
+    def __len__(self) -> int:
+        return int(self.doc_ids.shape[0])
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.corpus[int(self.doc_ids[index])]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reading raw documents
+
+
+@dataclass
+class InputReport:
+    """What the reader saw: counts per kind of problem, and a few examples with file:line."""
+
+    files: int = 0
+    documents: int = 0
+    skipped: collections.Counter = field(default_factory=collections.Counter)
+    examples: list[str] = field(default_factory=list)
+
+    def skip(self, kind: str, where: str, strict: bool) -> None:
+        if strict:
+            raise ValueError(f"{where}: {kind}")
+        self.skipped[kind] += 1
+        if len(self.examples) < 10:
+            self.examples.append(f"{where}: {kind}")
+        log.debug("skipped %s: %s", where, kind)
+
+
+def expand_inputs(inputs: Sequence[str | Path], pattern: str = "*") -> list[Path]:
+    """Files named by `inputs`: files, directories (searched recursively for `pattern`) and globs."""
+    files: list[Path] = []
+    for item in inputs:
+        text = str(item)
+        path = Path(text)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob(pattern) if p.is_file() and not p.name.startswith("."))
+            if not found:
+                raise FileNotFoundError(f"{path}: no files matching {pattern!r} in this directory")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        elif any(ch in text for ch in "*?["):
+            found = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+            if not found:
+                raise FileNotFoundError(f"{text}: no files match this pattern")
+            files += found
+        else:
+            raise FileNotFoundError(f"{text}: no such file or directory")
+    return files
+
+
+def _open_binary(path: Path) -> io.BufferedIOBase:
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # noqa: SIM115
+
+
+def _is_jsonl(path: Path) -> bool:
+    name = path.name[:-3] if path.name.endswith(".gz") else path.name
+    return name.endswith(JSONL_SUFFIXES)
+
+
+def iter_documents(
+    files: Sequence[Path],
+    report: InputReport,
+    text_format: Literal["paragraphs", "lines"] = "paragraphs",
+    jsonl_field: str = "text",
+    strict: bool = False,
+) -> Iterator[str]:
+    """Stream documents as strings, line by line (never a whole file in memory).
+
+    Plain text: documents are separated by blank lines ("paragraphs") or are single lines ("lines").
+    JSON lines (.jsonl/.json/.ndjson, optionally .gz): the string field `jsonl_field` of each object.
+    Bad input is counted in `report` (or raises ValueError naming file:line when `strict`).
+    """
+    for path in files:
+        report.files += 1
+        jsonl = _is_jsonl(path)
+        emitted = 0
+        bad_doc = False
+        lines: list[str] = []
+        with _open_binary(path) as handle:
+            for number, raw in enumerate(handle, 1):
+                where = f"{path}:{number}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    report.skip("invalid UTF-8 (document skipped)", where, strict)
+                    if jsonl or text_format == "lines":
+                        continue
+                    bad_doc = True
+                    continue
+                if jsonl:
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        report.skip("invalid JSON line", where, strict)
+                        continue
+                    value = record.get(jsonl_field) if isinstance(record, dict) else None
+                    if not isinstance(value, str):
+                        report.skip(f"missing or non-string field {jsonl_field!r}", where, strict)
+                        continue
+                    if value.strip():
+                        emitted += 1
+                        yield value
+                    continue
+                if text_format == "lines":
+                    if line.strip():
+                        emitted += 1
+                        yield line.rstrip("\r\n")
+                    continue
+                if line.strip():
+                    lines.append(line)
+                    continue
+                if lines and not bad_doc:
+                    emitted += 1
+                    yield "".join(lines).strip()
+                lines, bad_doc = [], False
+        if lines and not bad_doc:
+            emitted += 1
+            yield "".join(lines).strip()
+        if emitted == 0:
+            report.skip("no documents in this file (empty?)", str(path), strict)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Writing shards
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.replace(tmp, path)
+
+
+class ShardWriter:
+    """Appends tokenized documents to size-capped shards; `close()` writes the manifest last."""
+
+    def __init__(self, out: Path, dtype: np.dtype, shard_tokens: int, meta: dict[str, Any]) -> None:
+        self.out = out
+        self.dtype = np.dtype(dtype)
+        self.shard_tokens = shard_tokens
+        self.meta = meta
+        self.shards: list[dict[str, Any]] = []
+        self._handle = None
+        self._offsets: list[int] = [0]
+        self._tmp: Path | None = None
+        self.num_docs = 0
+        self.num_tokens = 0
+
+    def _open(self) -> None:
+        name = f"shard-{len(self.shards):05d}"
+        self._tmp = self.out / f".{name}.bin.tmp"
+        self._handle = open(self._tmp, "wb")  # noqa: SIM115
+        self._offsets = [0]
+
+    def add(self, tokens: np.ndarray) -> None:
+        if self._handle is None:
+            self._open()
+        self._handle.write(np.asarray(tokens).astype(self.dtype, copy=False).tobytes())
+        self._offsets.append(self._offsets[-1] + int(tokens.shape[0]))
+        self.num_docs += 1
+        self.num_tokens += int(tokens.shape[0])
+        if self._offsets[-1] >= self.shard_tokens:
+            self._finish_shard()
+
+    def _finish_shard(self) -> None:
+        if self._handle is None:
+            return
+        self._handle.close()
+        self._handle = None
+        name = f"shard-{len(self.shards):05d}"
+        index = io.BytesIO()
+        np.save(index, np.asarray(self._offsets, dtype=np.int64))
+        _atomic_write_bytes(self.out / f"{name}.idx.npy", index.getvalue())
+        os.replace(self._tmp, self.out / f"{name}.bin")
+        self.shards.append(
+            {
+                "tokens": f"{name}.bin",
+                "index": f"{name}.idx.npy",
+                "num_docs": len(self._offsets) - 1,
+                "num_tokens": self._offsets[-1],
+            }
+        )
+
+    def close(self) -> dict[str, Any]:
+        self._finish_shard()
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "dtype": self.dtype.name,
+            "num_docs": self.num_docs,
+            "num_tokens": self.num_tokens,
+            "shards": self.shards,
+            **self.meta,
+        }
+        _atomic_write_bytes(self.out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+        return manifest
+
+    def abort(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+            if self._tmp is not None and self._tmp.exists():
+                self._tmp.unlink()
+
+
+_WORKER_TOKENIZER: Any = None
+
+
+def _load_tokenizer(path: str) -> Any:
+    from openglm.tokenizer import GLMTokenizer
+
+    return GLMTokenizer.from_pretrained(path)
+
+
+def _init_worker(path: str) -> None:
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = _load_tokenizer(path)
+
+
+def _encode_chunk(texts: list[str], standardize: bool) -> list[np.ndarray]:
+    if standardize:
+        texts = [t.translate(_PUNCTUATION) for t in texts]
+    return [np.asarray(ids, dtype=np.int64) for ids in _WORKER_TOKENIZER.encode_batch(texts)]
+
+
+def _chunks(docs: Iterator[str], max_docs: int, max_chars: int) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    chars = 0
+    for doc in docs:
+        chunk.append(doc)
+        chars += len(doc)
+        if len(chunk) >= max_docs or chars >= max_chars:
+            yield chunk
+            chunk, chars = [], 0
+    if chunk:
+        yield chunk
+
+
+def prepare_corpus(
+    input: list[str],
+    tokenizer: str,
+    out: str,
+    text_format: Literal["paragraphs", "lines"] = "paragraphs",
+    jsonl_field: str = "text",
+    pattern: str = "*",
+    workers: int | None = None,
+    shard_tokens: int = 1 << 28,
+    standardize_punctuation: bool = True,
+    strict: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Tokenize a text corpus into memory-mapped token shards for pretraining.
+
+    Args:
+        input: files, directories (searched recursively for `pattern`) or globs. Files ending in
+            .jsonl/.json/.ndjson are JSON lines; others are plain text; .gz is decompressed on the fly.
+        tokenizer: a tokenizer directory (written by `openglm tokenizer` / `GLMTokenizer.save_pretrained`).
+        out: the output directory (created; refused if it already holds shards unless `overwrite`).
+        text_format: plain text documents are separated by blank lines ("paragraphs") or are lines ("lines").
+        jsonl_field: the string field holding a document in JSON lines files.
+        pattern: file name pattern inside directories.
+        workers: tokenizer processes (default: the CPU count, at most 8; 0 = tokenize in this process).
+        shard_tokens: tokens per shard before a new one is started.
+        standardize_punctuation: map curly quotes and dashes to ASCII (as the official corpus readers do).
+        strict: stop at the first bad input (invalid UTF-8, invalid JSON, missing field, empty file)
+            instead of skipping and counting it.
+        overwrite: replace an existing shard directory.
+        progress: show a progress bar.
+
+    Returns:
+        The manifest (also written to OUT/manifest.json), including the skip counts.
+    """
+    from tqdm import tqdm
+
+    out_dir = Path(out)
+    if (out_dir / MANIFEST).exists() and not overwrite:
+        raise ValueError(f"{out_dir}: already holds a shard manifest (pass --overwrite to replace it)")
+    if not Path(tokenizer).exists():
+        raise FileNotFoundError(f"{tokenizer}: no such tokenizer directory")
+    if shard_tokens < 1:
+        raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
+    files = expand_inputs(input, pattern)
+    tok = _load_tokenizer(str(tokenizer))
+    vocab = int(getattr(tok, "vocab_size", 0) or 0)
+    dtype = np.dtype(np.uint16) if 0 < vocab <= 1 << 16 else np.dtype(np.uint32)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for old in list(out_dir.glob("shard-*")) + [out_dir / MANIFEST]:
+            if old.exists():
+                old.unlink()
+    meta = {
+        "tokenizer": str(Path(tokenizer).resolve()),
+        "vocab_size": vocab,
+        "eos_id": tok.eos_id,
+        "cls_id": tok.cls_id,
+        "inputs": [str(p) for p in files],
+        "text_format": text_format,
+        "jsonl_field": jsonl_field,
+        "standardize_punctuation": standardize_punctuation,
+    }
+    report = InputReport()
+    writer = ShardWriter(out_dir, dtype, shard_tokens, meta)
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1)
+    docs = iter_documents(files, report, text_format, jsonl_field, strict)
+    chunks = _chunks(docs, max_docs=256, max_chars=1 << 20)
+    bar = tqdm(total=None, unit="doc", desc="tokenizing", disable=not progress)
+    empty_docs = 0
+    try:
+        if workers == 0:
+            global _WORKER_TOKENIZER
+            _WORKER_TOKENIZER = tok
+            results: Iterator[list[np.ndarray]] = (_encode_chunk(c, standardize_punctuation) for c in chunks)
+            for encoded in results:
+                empty_docs += _write_chunk(writer, encoded, vocab, bar)
+        else:
+            ctx = multiprocessing.get_context("spawn" if os.name == "nt" else "fork")
+            with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer),)) as pool:
+                # A bounded window of chunks in flight keeps memory flat however large the corpus.
+                pending: collections.deque = collections.deque()
+                for chunk in chunks:
+                    pending.append(pool.apply_async(_encode_chunk, (chunk, standardize_punctuation)))
+                    if len(pending) >= 2 * workers:
+                        empty_docs += _write_chunk(writer, pending.popleft().get(), vocab, bar)
+                while pending:
+                    empty_docs += _write_chunk(writer, pending.popleft().get(), vocab, bar)
+    except BaseException:
+        writer.abort()
+        bar.close()
+        raise
+    bar.close()
+    if empty_docs:
+        report.skipped["document with no tokens"] += empty_docs
+    writer.meta["skipped"] = dict(report.skipped)
+    writer.meta["skipped_examples"] = report.examples
+    writer.meta["files"] = report.files
+    if writer.num_docs == 0:
+        writer.abort()
+        detail = ", ".join(f"{k}: {v}" for k, v in report.skipped.items()) or "no text found"
+        raise ValueError(f"no documents were read from {len(files)} input file(s) ({detail})")
+    manifest = writer.close()
+    for kind, count in report.skipped.items():
+        log.warning(
+            "skipped %d x %s (e.g. %s)", count, kind, next((e for e in report.examples if kind in e), "-")
+        )
+    log.info(
+        "wrote %d documents, %d tokens (%s) in %d shard(s) to %s",
+        manifest["num_docs"],
+        manifest["num_tokens"],
+        manifest["dtype"],
+        len(manifest["shards"]),
+        out_dir,
+    )
+    return manifest
+
+
+def _write_chunk(writer: ShardWriter, encoded: list[np.ndarray], vocab: int, bar: Any) -> int:
+    empty = 0
+    for ids in encoded:
+        if ids.shape[0] == 0:
+            empty += 1
+            continue
+        if vocab and (ids.min() < 0 or ids.max() >= max(vocab, 1)):
+            raise ValueError(f"tokenizer produced id {int(ids.max())} outside its vocabulary of {vocab}")
+        writer.add(ids)
+    bar.update(len(encoded))
+    return empty
