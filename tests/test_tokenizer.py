@@ -273,6 +273,12 @@ def test_missing_ids_are_none() -> None:
     sp = _build("chinese-sp", "cog-pretrain.model", True, True, False)
     assert sp.token_to_id("<|endofpiece|>") == sp.eop_id
     assert sp.token_to_id("definitely-not-a-piece") is None
+    # Every id below num_tokens has a string, the skipped Chinese id included (id -> string tables work).
+    table = sp.convert_ids_to_tokens(list(range(sp.num_tokens)))
+    skipped = [i for i in range(sp.unk_id + 1, sp.sop_id)]
+    assert [table[i] for i in skipped] == ["<unused>"] and sp.decode(skipped) == "<unused>"
+    with pytest.raises(ValueError, match=f"token id {sp.num_tokens} is not in this chinese-sp tokenizer"):
+        sp.convert_ids_to_tokens([sp.num_tokens])
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -64,6 +64,7 @@ GLM_SPECIAL_TOKENS = (
     "<|endoftext|>",
 )
 _LSTRIP_TOKENS = frozenset({"[MASK]", "[sMASK]", "[gMASK]"})
+UNUSED_TOKEN = "<unused>"
 
 
 @dataclass(frozen=True)
@@ -409,7 +410,13 @@ class GLMTokenizer:
             table[0], table[1] = "<str0>", "<str1>"
         for c in commands:
             table[c.id] = c.token
+        # Ids inside num_tokens that no token owns (the Chinese tokenizers skip 50005) print as "<unused>" and
+        # decode to it, so id -> string tables over range(num_tokens) work.
+        holes = [i for i, s in enumerate(table) if s is None]
+        for i in holes:
+            table[i] = UNUSED_TOKEN
         self._id_to_token = table
+        self._spliced_ids = self._command_ids | frozenset(holes)  # decoded from the table, not the library
 
     # -- construction -------------------------------------------------------------------------------------
 
@@ -660,7 +667,7 @@ class GLMTokenizer:
         out: list[str] = []
         run: list[int] = []
         for i in ids:
-            if i in self._command_ids:
+            if i in self._spliced_ids:
                 if run:
                     out.append(self._text.decode(run))
                     run = []
