@@ -255,3 +255,30 @@ def test_cli_lists_finetune_and_eval(capsys: pytest.CaptureFixture[str]) -> None
         assert exc.value.code == 0
         text = capsys.readouterr().out
         assert "--task" in text and "--data.pattern_id" in text
+
+
+def test_lm_and_infilling_task_names_are_handed_to_their_modules(tiny_dir: Path, tmp_path: Path) -> None:
+    lambada = tmp_path / "lambada.jsonl"
+    lambada.write_text(
+        "".join(
+            json.dumps({"prompt": f"the movie was so {w} it was", "label": "great"}) + "\n" for w in POSITIVE
+        )
+    )
+    out = evaluate(
+        task="lambada",
+        model=str(tiny_dir),
+        data=TaskData(data_dir=str(lambada)),
+        device="cpu",
+        progress=False,
+    )
+    assert out["task"] == "lambada" and 0.0 <= out["accuracy"] <= 1.0
+    docs = tmp_path / "docs.txt"
+    docs.write_text("the movie was so fun and the plot was lovely\nthe film was boring so it was awful\n")
+    out = evaluate(
+        task="yahoo",
+        model=str(tiny_dir),
+        data=TaskData(data_dir=str(docs), max_seq_length=32),
+        device="cpu",
+        progress=False,
+    )
+    assert out["task"] == "yahoo" and "bleu" in out

@@ -106,7 +106,7 @@ class FinetuneSettings:
         eval_batch_size: examples per evaluation forward pass.
         lr: peak learning rate.
         weight_decay: AdamW weight decay.
-        warmup: linear warmup as a fraction of the run.
+        warmup: linear warmup as a fraction of the run (classification default 0.1).
         lr_decay_ratio: the linear decay ends at this fraction of the peak.
         beta2: Adam beta2.
         eps: Adam epsilon.
@@ -126,7 +126,7 @@ class FinetuneSettings:
     eval_batch_size: int = 16
     lr: float | None = None
     weight_decay: float | None = None
-    warmup: float = 0.1
+    warmup: float | None = None
     lr_decay_ratio: float = 0.1
     beta2: float | None = None
     eps: float = 1e-8
@@ -404,7 +404,9 @@ def finetune(
     Cloze mode turns every example into a blank-infilling question (spec D.2); classifier mode trains the
     pooled head baseline (D.4). The output directory receives `best/` (model + tokenizer of the best dev
     evaluation), `metrics.json` (dev/test metrics, settings), the loop's `metrics.jsonl` and its resumable
-    checkpoints. Seq2seq and text-infilling task names are fine-tuned by their own modules.
+    checkpoints. Seq2seq (`xsum`, `cnn_dm`, `gigaword`, `seq2seq`) and text infilling (`blank`, `yahoo`) are
+    fine-tuned by their own modules (data: `--data.data_dir` or `--data.train_file`/`--data.dev_file`);
+    the settings given explicitly are passed on, the rest keep those modules' official defaults.
 
     Args:
         task: `rte`, `cb`, `boolq`, `wic`, `multirc`, `copa`, `wsc`, `record`, or a task `.yaml` file.
@@ -496,7 +498,7 @@ def finetune(
         beta2=float(hp["beta2"]),
         eps=train.eps,
         schedule="linear",
-        warmup=float(hp.get("warmup", train.warmup)),
+        warmup=float(train.warmup if train.warmup is not None else hp.get("warmup", 0.1)),
         lr_decay_ratio=train.lr_decay_ratio,
         clip_grad=train.clip_grad,
     )
@@ -565,7 +567,8 @@ def evaluate(
 
     Classification tasks are scored as in fine-tuning (a directory saved in classifier mode is detected).
     Zero-shot LM task names (`lambada`, `wikitext`, `perplexity`, `multichoice`; the data file is
-    `--data.data_dir`) and seq2seq / infilling names are handed to their modules.
+    `--data.data_dir`), seq2seq (`xsum`, `cnn_dm`, `gigaword`: summarization layout; `seq2seq`: "source
+    [gMASK]") and text infilling (`blank`, `yahoo`) are handed to their modules.
 
     Args:
         task: a task name or a task `.yaml` file.
@@ -623,11 +626,19 @@ def _check_vocab(net: nn.Module, tok: Any, model_dir: str | os.PathLike) -> None
 # Hand-off to the zero-shot LM, seq2seq and infilling modules
 
 
-def _lm_data_path(data: TaskData, task: str) -> str:
-    path = data.test_file or data.dev_file or data.data_dir
+def _lm_data_path(data: TaskData, task: str, split: str = "dev") -> str:
+    explicit = {"train": data.train_file, "dev": data.dev_file, "test": data.test_file}.get(split)
+    path = explicit or data.data_dir
     if not path:
-        raise ValueError(f"task {task}: pass the data file with --data.data_dir FILE")
+        raise ValueError(
+            f"task {task}: pass the data with --data.data_dir (file or folder) or --data.{split}_file"
+        )
     return path
+
+
+def _layout(task: str) -> str:
+    # Summarization tasks put [sMASK]/[MASK] before the article; plain `seq2seq` is "source [gMASK]" (D.7).
+    return "customization" if task == "seq2seq" else "summarization"
 
 
 def _dispatch_eval(
@@ -640,13 +651,14 @@ def _dispatch_eval(
     device: str,
     progress: bool,
 ) -> dict[str, Any]:
+    path = _lm_data_path(data, task, split)
     if task in LM_EVAL_TASKS:
         from openglm.tasks.lm_eval import run_lm_eval
 
         return run_lm_eval(
             task,
             model,
-            _lm_data_path(data, task),
+            path,
             tokenizer_dir=tokenizer,
             seq_length=data.max_seq_length,
             batch_size=batch_size,
@@ -654,9 +666,34 @@ def _dispatch_eval(
             device=device,
             progress=progress,
         )
-    raise ValueError(
-        f"task {task!r}: evaluation of seq2seq / infilling tasks is not wired into `openglm eval` yet"
-    )
+    extra = {"src_seq_length": data.max_seq_length} if data.max_seq_length else {}
+    if task in SEQ2SEQ_TASKS:
+        from openglm.tasks.seq2seq import run_seq2seq_eval
+
+        out = run_seq2seq_eval(
+            model,
+            path,
+            tokenizer_dir=tokenizer,
+            split=split,
+            layout=_layout(task),
+            batch_size=batch_size,
+            limit=data.max_eval_examples,
+            device=device,
+            **extra,
+        )
+    else:
+        from openglm.tasks.infilling import run_infilling_eval
+
+        out = run_infilling_eval(
+            model,
+            path,
+            tokenizer_dir=tokenizer,
+            batch_size=batch_size,
+            limit=data.max_eval_examples,
+            device=device,
+            **extra,
+        )
+    return {"task": task, "split": split, **out}
 
 
 def _dispatch_finetune(
@@ -664,6 +701,33 @@ def _dispatch_finetune(
 ) -> dict[str, Any]:
     if task in LM_EVAL_TASKS:
         raise ValueError(f"task {task!r} is a zero-shot evaluation; use `openglm eval --task {task}`")
-    raise ValueError(
-        f"task {task!r}: seq2seq / infilling fine-tuning is not wired into `openglm finetune` yet"
-    )
+    # Only what the user set is passed on, so that each module keeps its own official defaults (spec D.7/D.8).
+    chosen = {
+        "epochs": train.epochs,
+        "max_steps": train.max_steps,
+        "batch_size": train.batch_size,
+        "lr": train.lr,
+        "weight_decay": train.weight_decay,
+        "warmup": train.warmup,
+        "eval_every": train.eval_every,
+        "src_seq_length": data.max_seq_length,
+    }
+    kwargs: dict[str, Any] = {k: v for k, v in chosen.items() if v is not None}
+    kwargs.update(precision=train.precision, device=train.device, seed=train.seed, progress=train.progress)
+    train_data = _lm_data_path(data, task, "train")
+    dev_data = data.dev_file or (data.data_dir if data.data_dir and Path(data.data_dir).is_dir() else None)
+    if task in SEQ2SEQ_TASKS:
+        from openglm.tasks.seq2seq import finetune_seq2seq
+
+        if data.max_eval_examples:
+            kwargs["dev_limit"] = data.max_eval_examples
+        return finetune_seq2seq(
+            model, train_data, out_dir, dev_data, tokenizer, layout=_layout(task), **kwargs
+        )
+    from openglm.tasks.infilling import finetune_infilling
+
+    if data.max_eval_examples:
+        kwargs["dev_limit"] = data.max_eval_examples
+    if data.max_train_examples:
+        kwargs["train_limit"] = data.max_train_examples
+    return finetune_infilling(model, train_data, out_dir, dev_data, tokenizer, **kwargs)
