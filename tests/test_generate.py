@@ -343,6 +343,19 @@ def test_streaming_matches_result() -> None:
             assert [e.token_id for e in events if (e.text_index, e.blank_index) == (i, k)] == blank.token_ids
 
 
+def test_iteration_leaves_caller_state_alone() -> None:
+    """Between streamed tokens the caller keeps grad mode; the model's train/eval flag is restored after."""
+    from openglm.generate import fill_events
+
+    model = _tiny_model(11).train()
+    events = fill_events(model, TEXTS, MASKS, SPECIAL, GenerationConfig(max_length=3))
+    next(events)
+    assert torch.is_grad_enabled()
+    for _ in events:
+        assert torch.is_grad_enabled()
+    assert model.training
+
+
 def test_bad_inputs_raise_one_line_errors() -> None:
     model = _tiny_model()
     with pytest.raises(ValueError, match="max_length"):

@@ -89,7 +89,10 @@ def ban_until_min_length(
         return
     rows = [i for i, n in enumerate(lengths) if n < min_length]
     if rows:
-        scores[torch.tensor(rows)[:, None], torch.tensor(list(stop_ids))[None, :]] = -float("inf")
+        device = scores.device
+        scores[
+            torch.tensor(rows, device=device)[:, None], torch.tensor(list(stop_ids), device=device)[None, :]
+        ] = -float("inf")
 
 
 def ban_repeated_ngrams(scores: Tensor, histories: Sequence[Sequence[int]], n: int) -> None:
@@ -207,9 +210,10 @@ def beam_step(
     top_vals = top_scores.tolist()
     cur_len = len(histories[0]) if histories else 0
     stop = set(stop_ids)
-    next_scores = torch.zeros(n, K, dtype=beam_scores.dtype)
-    next_tokens = torch.zeros(n, K, dtype=torch.long)
-    next_rows = torch.arange(n * K).view(n, K).clone()
+    # Python lists while scanning candidates (no per-element device access); float32 values round-trip exactly.
+    next_scores = [[0.0] * K for _ in range(n)]
+    next_tokens = [[0] * K for _ in range(n)]
+    next_rows = [[b * K + j for j in range(K)] for b in range(n)]
     for b in range(n):
         if done[b]:
             continue
@@ -220,13 +224,18 @@ def beam_step(
                 if rank < K:
                     hyps[b].add(list(histories[src]), val, tok)
             else:
-                next_scores[b, filled] = top_scores[b, rank]
-                next_tokens[b, filled] = tok
-                next_rows[b, filled] = src
+                next_scores[b][filled] = val
+                next_tokens[b][filled] = tok
+                next_rows[b][filled] = src
                 filled += 1
             if filled == K:
                 break
         if filled < K:
             raise ValueError(f"beam search: more than {K} of the top {2 * K} candidates are end tokens")
         done[b] = hyps[b].is_done(max(top_vals[b]), cur_len)
-    return next_scores.view(-1), next_tokens.view(-1), next_rows.view(-1)
+    device = scores.device
+    return (
+        torch.tensor(next_scores, dtype=beam_scores.dtype, device=device).view(-1),
+        torch.tensor(next_tokens, dtype=torch.long).view(-1),
+        torch.tensor(next_rows, dtype=torch.long).view(-1),
+    )

@@ -216,17 +216,17 @@ def _decode_stepwise(
             else:
                 tokens.append(r.tokens[-1]), pos.append(r.positions[r.blank]), block.append(len(r.tokens) + 1)
                 real.append(True)
-        active = [r for r, is_real in zip(rows, real, strict=True) if is_real]
+        active = [(i, r) for i, (r, is_real) in enumerate(zip(rows, real, strict=True)) if is_real]
         logits = _feed_one(state, tokens, pos, block, real).float()  # (N, V)
         logprobs = F.log_softmax(logits, dim=-1)
-        penalize_repetition(logits, [r.history for r in active], config.repetition_penalty)
-        ban_until_min_length(logits, [len(r.tokens) for r in active], config.min_length, stop_ids)
-        ban_repeated_ngrams(logits, [r.tokens for r in active], config.no_repeat_ngram_size)
+        penalize_repetition(logits, [r.history for _, r in active], config.repetition_penalty)
+        ban_until_min_length(logits, [len(r.tokens) for _, r in active], config.min_length, stop_ids)
+        ban_repeated_ngrams(logits, [r.tokens for _, r in active], config.no_repeat_ngram_size)
         if config.do_sample:
             chosen = sample_tokens(logits, config, generator).tolist()
         else:
             chosen = logits.argmax(dim=-1).tolist()
-        for j, (r, tok) in enumerate(zip(active, chosen, strict=True)):
+        for j, ((i, r), tok) in enumerate(zip(active, chosen, strict=True)):
             r.fresh = False
             if tok in stop:
                 r.finish("end_token", tok)
@@ -234,7 +234,7 @@ def _decode_stepwise(
             r.tokens.append(tok)
             r.history.append(tok)
             r.logprob += float(logprobs[j, tok])
-            yield TokenEvent(rows.index(r), r.blank, tok)
+            yield TokenEvent(i, r.blank, tok)
             if len(r.tokens) >= config.max_length:
                 r.finish("max_length", None)
 
@@ -253,7 +253,7 @@ def _beam_round(
     n = len(items)
     beams = state.expand(torch.tensor(items).repeat_interleave(K))
     start = beams.length
-    beam_scores = torch.zeros(n, K)
+    beam_scores = torch.zeros(n, K, device=state.device)
     beam_scores[:, 1:] = -1e9  # all beams start equal: only beam 0 may expand at the first step
     beam_scores = beam_scores.view(-1)
     hyps = [BeamHypotheses(K, config.length_penalty) for _ in range(n)]
@@ -265,8 +265,8 @@ def _beam_round(
         pos = [positions[row // K] for row in range(n * K)]
         block = [t + 1] * (n * K)
         logits = _feed_one(beams, tokens, pos, block, real).float()
-        scores = torch.zeros(n * K, logits.size(-1))
-        live = torch.tensor(real)
+        scores = logits.new_zeros(n * K, logits.size(-1))
+        live = torch.tensor(real, device=logits.device)
         scores[live] = F.log_softmax(logits, dim=-1)
         if config.repetition_penalty != 1.0:
             penalize_repetition(
@@ -352,14 +352,14 @@ def fill_events(
     stop_ids = config.stop_ids if config.stop_ids is not None else (special.eop, special.eos)
     if not rows or all(r.done for r in rows):
         return [r.fills for r in rows]
+    # Gradients are off inside DecodeState only: a no_grad block around the yields would leak into the caller.
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
-            state = DecodeState(model, config.mem_length)
-            _prefill(state, contexts, special.pad)
-            loop = _decode_beam if config.num_beams > 1 else _decode_stepwise
-            yield from loop(state, rows, config, special, stop_ids)
+        state = DecodeState(model, config.mem_length)
+        _prefill(state, contexts, special.pad)
+        loop = _decode_beam if config.num_beams > 1 else _decode_stepwise
+        yield from loop(state, rows, config, special, stop_ids)
     finally:
         model.train(was_training)
     return [r.fills for r in rows]

@@ -50,6 +50,7 @@ class DecodeState:
         after = self.keymask.flip(-1).cumsum(-1).flip(-1)
         return self.keymask & (after <= self.mem_length)
 
+    @torch.no_grad()
     def feed(
         self,
         input_ids: Tensor,
@@ -99,6 +100,7 @@ class DecodeState:
         self._maybe_trim()
         return out.logits if logits_at is not None else None
 
+    @torch.no_grad()
     def expand(self, index: Tensor) -> DecodeState:
         """A new state whose rows are `index` of this one (e.g. each row repeated once per beam)."""
         out = DecodeState.__new__(DecodeState)
@@ -113,6 +115,7 @@ class DecodeState:
         out.keymask = self.keymask.index_select(0, index)
         return out
 
+    @torch.no_grad()
     def reorder(self, index: Tensor, start: int) -> None:
         """Beam reordering in place: row i takes the slots of row index[i] from absolute slot `start` on.
 
