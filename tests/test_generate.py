@@ -288,6 +288,24 @@ def test_memory_cap_changes_late_blanks_only_when_exceeded() -> None:
     assert _ids(free) != _ids(tight)
 
 
+@pytest.mark.parametrize("beams", [1, 2])
+def test_memory_cap_trimming_keeps_results(beams: int, monkeypatch) -> None:
+    """Dropping cache slots that the cap hides from every row (KVCache.keep_last) changes no fill."""
+    from openglm.model import KVCache
+
+    model = _tiny_model(3)
+    config = GenerationConfig(max_length=6, min_length=6, mem_length=8, num_beams=beams)
+    reference = fill_blank_ids(
+        model, TEXTS, MASKS, SPECIAL, config
+    )  # tiny contexts: below the trim threshold
+    calls: list[int] = []
+    keep_last = KVCache.keep_last
+    monkeypatch.setattr(KVCache, "keep_last", lambda self, n: (calls.append(n), keep_last(self, n))[1])
+    monkeypatch.setattr("openglm.generate.state._TRIM_MIN_SLOTS", 1)
+    assert _ids(fill_blank_ids(model, TEXTS, MASKS, SPECIAL, config)) == _ids(reference)
+    assert calls
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Strategies
 def test_sampling_is_seeded_and_top_k_1_is_greedy() -> None:
