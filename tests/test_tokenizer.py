@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from tests.conftest import reference_dir, require, shared_data_dir
 
 import openglm.tokenizer.train as train_module
-from openglm.tokenizer import GLM_SPECIAL_TOKENS, GLMTokenizer, corpus_files, train_tokenizer
+from openglm.tokenizer import GLM_SPECIAL_TOKENS, OFFICIAL_MODELS, GLMTokenizer, corpus_files, train_tokenizer
 
 FACTORY = "tokenizer/official_factory"
 ENCODE_CASES = "tokenizer/encode_cases.json"
@@ -139,6 +139,22 @@ def test_defaults_are_the_released_models() -> None:
         tok = GLMTokenizer.from_files(kind, _vocab_dir() / vocab)
         assert {c.name: c.id for c in tok.command_tokens} == ref["command_name_to_id"], kind
         assert tok.num_tokens == ref["num_tokens"], kind
+
+
+def test_released_models_match_the_presets() -> None:
+    """Every released model's tokenizer pads to the preset's embedding size; for_model picks the flag set."""
+    from openglm.config import PRESETS
+
+    for name, (kind, file, finetune, pretrain) in OFFICIAL_MODELS.items():
+        for flags in (finetune, pretrain):
+            task_mask = flags.get("task_mask", kind in ("gpt2", "chinese-sp", "chinese-sp-fix"))
+            tok = _build(kind, file, True, task_mask, flags.get("dblock", False))
+            assert tok.vocab_size == PRESETS[name].vocab_size, name
+    pre = GLMTokenizer.for_model("glm-10b", _vocab_dir(), pretraining=True)
+    assert pre.dblock_id == pre.num_tokens - 1
+    assert GLMTokenizer.for_model("GLM_Large", _vocab_dir()).gmask_id is None
+    with pytest.raises(ValueError, match="unknown GLM model 'glm-130b'"):
+        GLMTokenizer.for_model("glm-130b", _vocab_dir())
 
 
 def test_directory_of_official_files() -> None:
@@ -300,10 +316,20 @@ def test_byte_level_round_trip(text: str) -> None:
     assert max(ids) < 50257
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.text(max_size=30), max_size=6), st.sampled_from(["[MASK]", "[sMASK]", "[gMASK]", "[SEP]"]))
-def test_batch_equals_single_and_masks_split(texts: list[str], command: str) -> None:
-    tok = _build("gpt2", "gpt2-vocab.json", True, True, False)
+@pytest.mark.parametrize(
+    "kind,file",
+    [
+        ("gpt2", "gpt2-vocab.json"),
+        ("bert", "bert-large-uncased-vocab.txt"),
+        ("chinese-sp", "cog-pretrain.model"),
+    ],
+)
+@settings(max_examples=40, deadline=None)
+@given(
+    texts=st.lists(st.text(max_size=30), max_size=6), command=st.sampled_from(["[MASK]", "[SEP]", "[CLS]"])
+)
+def test_batch_equals_single_and_commands_split(kind: str, file: str, texts: list[str], command: str) -> None:
+    tok = _build(kind, file, True, kind != "bert", False)
     joined = [f"{t} {command} {t}" for t in texts]
     assert tok.encode_batch(joined) == [tok.encode(t) for t in joined]
     for t in joined:

@@ -50,6 +50,21 @@ _DEFAULT_TASK_MASK = {
     "chinese-sp-fix": True,
 }
 
+# The tokenizer of each released model (GLMConfig preset names): kind, vocab file, and the flags of its
+# fine-tuning/inference scripts and of its pretraining run (fixtures official_factory, README table).
+OFFICIAL_MODELS: dict[str, tuple[str, str, dict[str, bool], dict[str, bool]]] = {
+    "glm-base": ("bert", "bert-base-uncased-vocab.txt", {}, {}),
+    "glm-large": ("bert", "bert-large-uncased-vocab.txt", {}, {}),
+    "glm-doc": ("bert", "bert-large-uncased-vocab.txt", {}, {}),
+    "glm-410m": ("bert", "bert-large-uncased-vocab.txt", {}, {}),
+    "glm-515m": ("bert", "bert-large-uncased-vocab.txt", {}, {}),
+    "glm-roberta": ("roberta", "roberta-vocab.json", {}, {"task_mask": True}),
+    "glm-2b": ("gpt2", "gpt2-vocab.json", {}, {"dblock": True}),
+    "glm-10b": ("gpt2", "gpt2-vocab.json", {}, {"dblock": True}),
+    "glm-large-chinese": ("chinese-sp-fix", "cog-pretrain.model", {}, {"dblock": True}),
+    "glm-10b-chinese": ("chinese-sp", "cog-pretrain.model", {}, {"dblock": True}),
+}
+
 # The GLM special tokens of trained tokenizers, in the order they are appended to the learned vocabulary.
 GLM_SPECIAL_TOKENS = (
     "[CLS]",
@@ -110,7 +125,8 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 class _HFText:
-    """A `tokenizers.Tokenizer` (WordPiece or byte-level BPE) used without post-processing."""
+    """A `tokenizers.Tokenizer` (WordPiece or byte-level BPE) used without post-processing; the GLMTokenizer
+    encodes even single texts through the batch call."""
 
     def __init__(self, tok: Any) -> None:
         self.tok = tok
@@ -120,9 +136,6 @@ class _HFText:
         for piece, i in vocab.items():
             self.pieces[i] = piece
         self.vocab = vocab
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         # encode_batch_fast skips offset tracking; the ids are the same.
@@ -142,9 +155,6 @@ class _SPText:
         self.sp = proc
         self.size = proc.get_piece_size()
         self.pieces: list[str | None] = [proc.id_to_piece(i) for i in range(self.size)]
-
-    def encode(self, text: str) -> list[int]:
-        return self.sp.encode(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self.sp.encode(texts)
@@ -453,7 +463,7 @@ class GLMTokenizer:
         if kind not in KINDS:
             raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {', '.join(KINDS)}")
         if task_mask is None:
-            task_mask = _DEFAULT_TASK_MASK.get(kind, True)
+            task_mask = block_symbols and _DEFAULT_TASK_MASK.get(kind, True)
         if (task_mask or dblock) and not block_symbols and kind != "bpe":
             raise ValueError("tokenizer options: task_mask and dblock need block_symbols=True (as in GLM)")
         opts = {"block_symbols": bool(block_symbols), "task_mask": bool(task_mask), "dblock": bool(dblock)}
@@ -479,6 +489,26 @@ class GLMTokenizer:
             commands, n = _chinese_commands(text, main, opts, fix=kind == "chinese-sp-fix")
             files = {"spiece.model": data}
         return cls(kind, text, commands, n, opts, files)
+
+    @classmethod
+    def for_model(cls, model: str, vocab_dir: str | os.PathLike, pretraining: bool = False) -> GLMTokenizer:
+        """The tokenizer of a released GLM, from a directory holding the official vocab files.
+
+        Args:
+            model: a released model ("glm-large", "glm-10b", "glm-10b-chinese", ...; see `OFFICIAL_MODELS`).
+            vocab_dir: directory with the release files (bert-*-uncased-vocab.txt, gpt2-vocab.json +
+                gpt2-merges.txt, roberta-vocab.json + roberta-merges.txt, cog-pretrain.model).
+            pretraining: the flags of the model's pretraining run ([dBLOCK]; task masks for GLM-RoBERTa)
+                instead of its fine-tuning and inference scripts. Ids of shared tokens are the same.
+
+        Returns:
+            The tokenizer.
+        """
+        key = model.lower().replace("_", "-")
+        if key not in OFFICIAL_MODELS:
+            raise ValueError(f"unknown GLM model {model!r}; known: {', '.join(OFFICIAL_MODELS)}")
+        kind, file, finetune, pretrain = OFFICIAL_MODELS[key]
+        return cls.from_files(kind, Path(vocab_dir) / file, **(pretrain if pretraining else finetune))
 
     @classmethod
     def _from_tokenizer_json(cls, data: bytes, path: Path) -> GLMTokenizer:
