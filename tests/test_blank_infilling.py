@@ -57,30 +57,14 @@ def get_case(name: str) -> dict:
 
 
 @cache
-def token_strings(kind: str) -> tuple[str | None, ...]:
-    """Token strings of the official vocabularies: from GLMTokenizer when present, else the vocab files."""
+def token_strings(kind: str) -> tuple[str, ...]:
+    """Token strings of the official vocabularies (sentence ends are computed from them, spec C.1)."""
+    from openglm.tokenizer import GLMTokenizer
+
     tok_dir = require(shared_data_dir() / "tokenizers")
-    try:
-        from openglm.tokenizer import GLMTokenizer
-    except ImportError:
-        GLMTokenizer = None
-    if GLMTokenizer is not None:
-        try:
-            if kind == "bert":
-                tok = GLMTokenizer.from_files("bert", tok_dir / "bert-large-uncased-vocab.txt")
-            else:
-                tok = GLMTokenizer.from_files("gpt2", tok_dir)
-            return tuple(tok.convert_ids_to_tokens(list(range(tok.num_tokens))))
-        except Exception:  # an unfinished tokenizer module must not hide the objective's own tests
-            pass
-    if kind == "bert":
-        lines = (tok_dir / "bert-large-uncased-vocab.txt").read_text(encoding="utf-8").splitlines()
-        return tuple(lines)
-    vocab = json.loads((tok_dir / "gpt2-vocab.json").read_text(encoding="utf-8"))
-    strings: list[str | None] = [None] * len(vocab)
-    for s, i in vocab.items():
-        strings[i] = s
-    return tuple(strings)
+    path = tok_dir / "bert-large-uncased-vocab.txt" if kind == "bert" else tok_dir
+    tok = GLMTokenizer.from_files(kind, path, dblock=kind == "gpt2")
+    return tuple(tok.convert_ids_to_tokens(list(range(tok.num_tokens))))
 
 
 def special_for(kind: str, ids: dict[str, int]) -> SpecialTokens:
@@ -474,6 +458,8 @@ def run_pipeline(name: str, count: int, seed: int = 0) -> dict[str, dict[str, li
     bs = cfg_rec["batch_size"]
     for b in range(0, count, bs):
         batch = obj(samples[b : b + bs], rng, masks[b : b + bs])
+        if batch.split:
+            continue  # rare (short_seq_prob): short pieces are not comparable row by row; see below
         gi = 0
         for row, mode in zip(batch.rows, batch.modes, strict=True):
             s = out.setdefault(
@@ -537,6 +523,8 @@ def compare_with_fixture(name: str, count: int) -> None:
     ours = run_pipeline(name, count)
     for ref_mode, ref in ref_cfg["by_mode"].items():
         mode = MODE_NAMES[ref_mode]
+        if ref["n_rows_in"] % ref_cfg["batch_size"] or ref["n_rows_in"] > ref_cfg["batch_modes"][ref_mode] * ref_cfg["batch_size"]:
+            continue  # the fixture's statistics for this mode include a short-seq split batch
         if mode not in ours:
             assert ref["n_rows_in"] < 0.2 * ref_cfg["n_input_samples"] or count < 200
             continue

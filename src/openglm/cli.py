@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from openglm.convert import convert
+from openglm.data.shards import prepare_corpus
 from openglm.generate.command import infill
 from openglm.tasks.run import evaluate, finetune
 from openglm.tokenizer import train_tokenizer
@@ -27,6 +28,7 @@ def _commands() -> dict[str, Any]:
         "eval": evaluate,
         "infill": infill,
         "tokenizer": {"train": train_tokenizer},
+        "data": {"prepare": prepare_corpus},
     }
     return table
 

@@ -212,9 +212,36 @@ class PretrainingBatches(IterableDataset):
             yield batch
             step += workers
 
+    def loader(
+        self, num_workers: int = 0, pin_memory: bool = False, prefetch_factor: int = 2
+    ) -> Iterator[dict[str, Any]]:
+        """Iterate through a DataLoader with `num_workers` processes, in step order, keeping
+        `state_dict()` up to date in this process (workers only hold copies of this object).
+
+        Args:
+            num_workers: loader processes (0: build batches in this process).
+            pin_memory: pin the tensors (for asynchronous host-to-GPU copies).
+            prefetch_factor: batches prepared ahead per worker.
+        """
+        from torch.utils.data import DataLoader
+
+        if num_workers == 0:
+            yield from self
+            return
+        loader = DataLoader(
+            self,
+            batch_size=None,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            prefetch_factor=prefetch_factor,
+        )
+        for batch in loader:
+            self.next_step = batch["step"] + 1
+            yield batch
+
     def state_dict(self) -> dict[str, int]:
-        """The resume state: the next step to yield. With DataLoader workers, save the training loop's
-        own step counter instead (the workers' copies of this object are not visible here)."""
+        """The resume state: the next step to yield, advanced as batches are consumed through iteration in
+        this process or through `loader()` (a DataLoader built by hand only advances its workers' copies)."""
         return {"step": self.next_step}
 
     def load_state_dict(self, state: dict[str, int]) -> None:

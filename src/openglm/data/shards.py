@@ -321,11 +321,16 @@ class ShardWriter:
         return manifest
 
     def abort(self) -> None:
+        """Remove what this writer wrote (no manifest is written, so nothing half-done is readable)."""
         if self._handle is not None:
             self._handle.close()
             self._handle = None
-            if self._tmp is not None and self._tmp.exists():
-                self._tmp.unlink()
+        if self._tmp is not None and self._tmp.exists():
+            self._tmp.unlink()
+        for shard in self.shards:
+            for key in ("tokens", "index"):
+                (self.out / shard[key]).unlink(missing_ok=True)
+        self.shards = []
 
 
 _WORKER_TOKENIZER: Any = None
@@ -362,7 +367,8 @@ def _chunks(docs: Iterator[str], max_docs: int, max_chars: int) -> Iterator[list
 
 
 def prepare_corpus(
-    input: list[str],
+    *,
+    input: list[str] | str,
     tokenizer: str,
     out: str,
     text_format: Literal["paragraphs", "lines"] = "paragraphs",
@@ -378,7 +384,8 @@ def prepare_corpus(
     """Tokenize a text corpus into memory-mapped token shards for pretraining.
 
     Args:
-        input: files, directories (searched recursively for `pattern`) or globs. Files ending in
+        input: files, directories (searched recursively for `pattern`) or globs; several as
+            `--input '[a.txt,b.jsonl]'`. Files ending in
             .jsonl/.json/.ndjson are JSON lines; others are plain text; .gz is decompressed on the fly.
         tokenizer: a tokenizer directory (written by `openglm tokenizer` / `GLMTokenizer.save_pretrained`).
         out: the output directory (created; refused if it already holds shards unless `overwrite`).
@@ -394,7 +401,8 @@ def prepare_corpus(
         progress: show a progress bar.
 
     Returns:
-        The manifest (also written to OUT/manifest.json), including the skip counts.
+        A summary: out, num_docs, num_tokens, dtype, shards, skipped (counts per kind of bad input). The
+        full manifest is OUT/manifest.json (`ShardedCorpus(out).manifest`).
     """
     from tqdm import tqdm
 
@@ -405,7 +413,7 @@ def prepare_corpus(
         raise FileNotFoundError(f"{tokenizer}: no such tokenizer directory")
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
-    files = expand_inputs(input, pattern)
+    files = expand_inputs([input] if isinstance(input, str) else input, pattern)
     tok = _load_tokenizer(str(tokenizer))
     vocab = int(getattr(tok, "vocab_size", 0) or 0)
     dtype = np.dtype(np.uint16) if 0 < vocab <= 1 << 16 else np.dtype(np.uint32)
@@ -430,7 +438,7 @@ def prepare_corpus(
         workers = min(8, os.cpu_count() or 1)
     docs = iter_documents(files, report, text_format, jsonl_field, strict)
     chunks = _chunks(docs, max_docs=256, max_chars=1 << 20)
-    bar = tqdm(total=None, unit="doc", desc="tokenizing", disable=not progress)
+    bar = tqdm(total=None, unit="doc", desc="tokenizing", disable=not progress, mininterval=2.0)
     empty_docs = 0
     try:
         if workers == 0:
@@ -477,7 +485,14 @@ def prepare_corpus(
         len(manifest["shards"]),
         out_dir,
     )
-    return manifest
+    return {
+        "out": str(out_dir),
+        "num_docs": manifest["num_docs"],
+        "num_tokens": manifest["num_tokens"],
+        "dtype": manifest["dtype"],
+        "shards": len(manifest["shards"]),
+        "skipped": manifest["skipped"],
+    }
 
 
 def _write_chunk(writer: ShardWriter, encoded: list[np.ndarray], vocab: int, bar: Any) -> int:

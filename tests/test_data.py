@@ -1,0 +1,328 @@
+"""Pretraining data: `openglm data prepare` round trips and bad input, the shard reader, sample assembly
+(spec C.1) and the training batch stream (determinism, ranks, workers, resume, validation sets)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tests.conftest import require, shared_data_dir
+from torch.utils.data import DataLoader
+
+from openglm.blank_infilling import ObjectiveConfig, SpecialTokens
+from openglm.cli import main
+from openglm.data import (
+    InMemoryCorpus,
+    PretrainingBatches,
+    SampleAssembler,
+    ShardedCorpus,
+    prepare_corpus,
+    split_documents,
+    validation_batches,
+)
+
+TEXT = """The first document. It has two sentences.
+It also has a second line!
+
+The second document: short.
+
+
+
+Third one? Yes; with “curly” quotes – and a dash.
+"""
+
+
+@cache
+def bert_tokenizer_dir(root: str) -> Path:
+    from openglm.tokenizer import GLMTokenizer
+
+    vocab = require(shared_data_dir() / "tokenizers" / "bert-large-uncased-vocab.txt")
+    out = Path(root) / "tok"
+    GLMTokenizer.from_files("bert", vocab).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return bert_tokenizer_dir(str(tmp_path_factory.mktemp("tokenizer")))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tok_dir: Path):
+    from openglm.tokenizer import GLMTokenizer
+
+    return GLMTokenizer.from_pretrained(tok_dir)
+
+
+# ------------------------------------------------------------------------------------------ prepare
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_prepare_round_trip(tmp_path: Path, tok_dir: Path, tokenizer, workers: int) -> None:
+    src = tmp_path / "corpus.txt"
+    src.write_text(TEXT, encoding="utf-8")
+    summary = prepare_corpus(
+        input=[str(src)], tokenizer=str(tok_dir), out=str(tmp_path / "out"), workers=workers
+    )
+    corpus = ShardedCorpus(tmp_path / "out")
+    assert summary["num_docs"] == len(corpus) == 3
+    assert corpus.manifest["dtype"] == "uint16"
+    expected = [
+        "The first document. It has two sentences.\nIt also has a second line!",
+        "The second document: short.",
+        'Third one? Yes; with "curly" quotes - and a dash.',
+    ]
+    for i, text in enumerate(expected):
+        np.testing.assert_array_equal(corpus[i], tokenizer.encode(text))
+    assert corpus.num_tokens == sum(len(tokenizer.encode(t)) for t in expected)
+    assert summary["skipped"] == {}
+
+
+def test_prepare_lines_jsonl_gzip_dirs_and_shards(tmp_path: Path, tok_dir: Path, tokenizer) -> None:
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "a.txt").write_text("one line\nanother line\n\n", encoding="utf-8")
+    records = [{"text": "json doc one."}, {"text": "json doc two."}, {"other": "x"}, {"text": 5}]
+    with gzip.open(data / "sub" / "b.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write("\n".join(json.dumps(r) for r in records) + "\n{not json\n")
+    out = tmp_path / "out"
+    summary = prepare_corpus(
+        input=str(data), tokenizer=str(tok_dir), out=str(out), text_format="lines", workers=0, shard_tokens=3
+    )
+    corpus = ShardedCorpus(out)
+    texts = ["one line", "another line", "json doc one.", "json doc two."]
+    assert [corpus[i].tolist() for i in range(len(corpus))] == [tokenizer.encode(t) for t in texts]
+    assert len(corpus.manifest["shards"]) == summary["shards"] >= 2  # tiny shard size: several shards
+    assert summary["skipped"] == {"missing or non-string field 'text'": 2, "invalid JSON line": 1}
+    # A glob input and a subset view.
+    prepare_corpus(input=str(data / "*.txt"), tokenizer=str(tok_dir), out=str(tmp_path / "g"), workers=0)
+    assert len(ShardedCorpus(tmp_path / "g")) == 1  # paragraph mode: both lines form one document
+    sub = corpus.subset([3, 0])
+    assert sub[0].tolist() == corpus[3].tolist() and sub.doc_lengths.tolist() == [
+        len(corpus[3]),
+        len(corpus[0]),
+    ]
+
+
+def test_prepare_bad_input(tmp_path: Path, tok_dir: Path) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"good text here.\n\nbad \xff\xfe bytes\nmore\n\nlast good one.\n")
+    out = tmp_path / "out"
+    summary = prepare_corpus(input=[str(empty), str(bad)], tokenizer=str(tok_dir), out=str(out), workers=0)
+    assert summary["num_docs"] == 2
+    assert summary["skipped"] == {
+        "no documents in this file (empty?)": 1,
+        "invalid UTF-8 (document skipped)": 1,
+    }
+    assert any("bad.txt:3" in e for e in ShardedCorpus(out).manifest["skipped_examples"])
+    with pytest.raises(ValueError, match=r"bad\.txt:3: invalid UTF-8"):
+        prepare_corpus(
+            input=[str(bad)], tokenizer=str(tok_dir), out=str(tmp_path / "s"), workers=0, strict=True
+        )
+    with pytest.raises(ValueError, match="no documents were read"):
+        prepare_corpus(input=[str(empty)], tokenizer=str(tok_dir), out=str(tmp_path / "e"), workers=0)
+    assert not (tmp_path / "e" / "manifest.json").exists()
+    with pytest.raises(ValueError, match="already holds"):
+        prepare_corpus(input=[str(bad)], tokenizer=str(tok_dir), out=str(out), workers=0)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        prepare_corpus(input=[str(tmp_path / "missing.txt")], tokenizer=str(tok_dir), out=str(tmp_path / "m"))
+    with pytest.raises(FileNotFoundError, match="no manifest|no shard manifest"):
+        ShardedCorpus(tmp_path / "e")
+
+
+def test_cli_prepare(tmp_path: Path, tok_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    src = tmp_path / "c.txt"
+    src.write_text(TEXT, encoding="utf-8")
+    main(["data", "prepare", "--input", str(src), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "o")])
+    assert "'num_docs': 3" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(
+            ["data", "prepare", "--input", str(tmp_path / "nope"), "--tokenizer", str(tok_dir), "--out", "x"]
+        )
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_prepare_gutenberg_book(tmp_path: Path, tok_dir: Path) -> None:
+    book = require(shared_data_dir() / "corpora" / "gutenberg" / "blake-poems.txt")
+    summary = prepare_corpus(input=[str(book)], tokenizer=str(tok_dir), out=str(tmp_path / "g"), workers=2)
+    corpus = ShardedCorpus(tmp_path / "g")
+    assert summary["num_docs"] == len(corpus) > 100 and corpus.num_tokens > 5000
+
+
+@pytest.mark.slow
+def test_prepare_gutenberg_full(tmp_path: Path, tok_dir: Path) -> None:
+    root = require(shared_data_dir() / "corpora" / "gutenberg")
+    summary = prepare_corpus(input=[str(root)], tokenizer=str(tok_dir), out=str(tmp_path / "g"), workers=2)
+    assert summary["num_tokens"] > 2_000_000
+
+
+# ------------------------------------------------------------------------------------------ samples
+
+
+def synthetic(num_docs: int = 300, seed: int = 0) -> tuple[InMemoryCorpus, SpecialTokens]:
+    """Random documents over ids 10..999 with sentence ends (id 5) about every 12 tokens."""
+    rng = np.random.default_rng(seed)
+    docs = []
+    for _ in range(num_docs):
+        n = int(rng.integers(5, 1500))
+        d = rng.integers(10, 1000, size=n)
+        d[rng.random(n) < 0.08] = 5
+        docs.append(d)
+    table = np.zeros(1000, dtype=bool)
+    table[5] = True
+    special = SpecialTokens(
+        cls=1, eos=0, mask=2, sop=3, eop=4, smask=6, gmask=7, dblock=8, sentence_end=table
+    )
+    return InMemoryCorpus(docs), special
+
+
+def test_sample_assembly() -> None:
+    corpus, special = synthetic()
+    assemble = SampleAssembler(corpus, special, seq_length=256, seed=3)
+    lengths, multi = [], 0
+    doc_texts = {tuple(d.tolist()) for d in corpus.documents}
+    for index in range(200):
+        tokens, loss = assemble(index)
+        assert 2 <= len(tokens) <= 256 and tokens[0] == special.cls
+        np.testing.assert_array_equal(loss, tokens != special.cls)
+        again, _ = assemble(index)
+        np.testing.assert_array_equal(tokens, again)  # seeded per index
+        lengths.append(len(tokens))
+        cls_at = np.flatnonzero(tokens == special.cls)
+        multi += len(cls_at) > 1
+        # Every complete piece ([CLS] ... eos) is a whole corpus document.
+        for a, b in zip(cls_at, list(cls_at[1:]) + [len(tokens)], strict=True):
+            piece = tokens[a + 1 : b]
+            if len(piece) and piece[-1] == special.eos and a + 1 < b - 1 and len(cls_at) > 1:
+                assert tuple(piece[:-1].tolist()) in doc_texts
+    assert np.mean(lengths) > 0.9 * 256  # packing fills the sequence
+    assert 0 < multi < 200
+
+
+def test_weighting_by_length() -> None:
+    special = SpecialTokens(cls=1, eos=0, mask=2, sop=3, eop=4, sentence_end=np.zeros(100, dtype=bool))
+    corpus = InMemoryCorpus([np.full(9, 10), np.full(99, 11)])  # weights 10 : 100 (eos included)
+    assemble = SampleAssembler(corpus, special, seq_length=512, seed=0)
+    firsts = [int(assemble(i)[0][1]) for i in range(2000)]
+    assert abs(firsts.count(10) / 2000 - 10 / 110) < 0.025
+
+
+def test_crop_starts_at_sentence_boundary() -> None:
+    corpus, special = synthetic(num_docs=20)
+    corpus = InMemoryCorpus([d for d in corpus.documents if len(d) > 1000])
+    assemble = SampleAssembler(corpus, special, seq_length=128, seed=1)
+    aligned = 0
+    for index in range(100):
+        tokens, _ = assemble(index)
+        assert len(tokens) <= 128
+        piece = tokens[1:].tolist()
+        for doc in corpus.documents:
+            d = doc.tolist() + [special.eos]
+            hits = [k for k in range(len(d) - len(piece) + 1) if d[k : k + len(piece)] == piece]
+            if hits:
+                aligned += hits[0] == 0 or d[hits[0] - 1] == 5
+                break
+        else:
+            raise AssertionError("a cropped sample is not a slice of a document")
+    assert aligned >= 95  # sentence ends are dense, so the 64-token move almost always finds one
+
+
+# ------------------------------------------------------------------------------------------ batches
+
+
+def assert_batches_equal(a: dict, b: dict) -> None:
+    assert a["mode"] == b["mode"]
+    for key in ("input_ids", "position_ids", "sep", "targets", "loss_mask"):
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_batch_format_and_determinism() -> None:
+    corpus, special = synthetic()
+    config = ObjectiveConfig.from_name("glm-10b")
+    data = PretrainingBatches(corpus, special, config, seq_length=128, batch_size=4, seed=5)
+    batches = [b for _, b in zip(range(12), data, strict=False)]
+    modes = {b["mode"] for b in batches}
+    assert modes <= {"token", "sentence", "document"} and len(modes) >= 2
+    for step, b in enumerate(batches):
+        n, t = b["input_ids"].shape
+        assert b["input_ids"].dtype == torch.long and b["loss_mask"].dtype == torch.float32
+        assert b["position_ids"].shape == (n, 2, t) and b["sep"].shape == (n,)
+        assert b["targets"].shape == (n, t) and b["step"] == step
+        assert torch.all(b["sep"] <= t) and b["loss_mask"].sum() > 0
+        # Padding carries no loss; Part A carries no loss.
+        for i in range(n):
+            assert b["loss_mask"][i, : b["sep"][i]].sum() == 0
+        assert_batches_equal(b, data.batch(step))
+    other = PretrainingBatches(corpus, special, config, seq_length=128, batch_size=4, seed=6)
+    assert not torch.equal(other.batch(0)["input_ids"][:, :8], batches[0]["input_ids"][:, :8])
+
+
+def test_ranks_see_different_data_and_resume() -> None:
+    corpus, special = synthetic()
+    make = lambda rank, **kw: PretrainingBatches(  # noqa: E731
+        corpus, special, seq_length=128, batch_size=2, seed=1, rank=rank, world_size=2, **kw
+    )
+    r0, r1 = make(0), make(1)
+    assert not torch.equal(r0.batch(0)["input_ids"][:, :16], r1.batch(0)["input_ids"][:, :16])
+    it = iter(r0)
+    first = [next(it) for _ in range(3)]
+    state = r0.state_dict()
+    assert state == {"step": 3}
+    expected = next(it)
+    resumed = make(0)
+    resumed.load_state_dict(state)
+    assert_batches_equal(next(iter(resumed)), expected)
+    assert_batches_equal(next(iter(make(0, start_step=1))), first[1])
+    with pytest.raises(ValueError, match="rank"):
+        make(2)
+
+
+def test_dataloader_workers_keep_order() -> None:
+    corpus, special = synthetic(num_docs=60)
+    make = lambda: PretrainingBatches(corpus, special, seq_length=64, batch_size=2, seed=2, num_steps=6)  # noqa: E731
+    serial = list(make())
+    parallel = list(DataLoader(make(), batch_size=None, num_workers=2))
+    assert [b["step"] for b in parallel] == list(range(6))
+    for a, b in zip(serial, parallel, strict=True):
+        assert_batches_equal(a, b)
+    data = make()
+    stream = data.loader(num_workers=2)
+    for _ in range(4):
+        next(stream)
+    assert data.state_dict() == {"step": 4}
+    resumed = make()
+    resumed.load_state_dict(data.state_dict())
+    assert_batches_equal(next(resumed.loader(num_workers=2)), serial[4])
+
+
+def test_sharded_corpus_feeds_batches(tmp_path: Path, tok_dir: Path, tokenizer) -> None:
+    book = require(shared_data_dir() / "corpora" / "tinyshakespeare.txt")
+    prepare_corpus(
+        input=[str(book)], tokenizer=str(tok_dir), out=str(tmp_path / "s"), workers=0, progress=False
+    )
+    corpus = ShardedCorpus(tmp_path / "s")
+    special = SpecialTokens.from_tokenizer(tokenizer)
+    train_ids, valid_ids = split_documents(len(corpus), 0.1, seed=0)
+    assert len(set(train_ids) & set(valid_ids)) == 0 and len(train_ids) + len(valid_ids) == len(corpus)
+    data = PretrainingBatches(corpus.subset(train_ids), special, seq_length=128, batch_size=2)
+    batch = data.batch(0)
+    assert batch["mode"] == "token" and batch["input_ids"].shape[0] == 2
+    loader = DataLoader(
+        PretrainingBatches(corpus, special, seq_length=64, batch_size=2, num_steps=2),
+        batch_size=None,
+        num_workers=1,
+    )
+    assert len(list(loader)) == 2  # the memory map re-opens in the worker
+    valid = validation_batches(corpus.subset(valid_ids), special, seq_length=128, batch_size=2, num_batches=2)
+    assert set(valid) == {"token", "sentence", "document"}
+    for mode, batches in valid.items():
+        assert len(batches) == 2 and all(b["mode"] == mode for b in batches)
+    again = validation_batches(corpus.subset(valid_ids), special, seq_length=128, batch_size=2, num_batches=2)
+    assert_batches_equal(valid["sentence"][1], again["sentence"][1])
