@@ -269,6 +269,14 @@ def test_batched_equals_one_at_a_time(options: dict) -> None:
         assert [b.score for b in alone] == pytest.approx([b.score for b in row], abs=1e-4)
 
 
+def test_one_dimensional_positions() -> None:
+    """Models without block positions take [B, T] position ids; batching still changes nothing."""
+    model = _tiny_model(12, block_position_encoding=False)
+    config = GenerationConfig(max_length=4, num_beams=2)
+    batched = fill_blank_ids(model, TEXTS, MASKS, SPECIAL, config)
+    assert _ids(batched)[1] == _ids(fill_blank_ids(model, TEXTS[1:2], MASKS[1:2], SPECIAL, config))[0]
+
+
 def test_padding_inside_batch_is_invisible() -> None:
     """A short context next to a long one fills the same as alone, even with padding tokens that are real ids."""
     model = _tiny_model(2)
