@@ -281,6 +281,15 @@ def test_bad_input_text() -> None:
         tok.decode([1, 60000])
 
 
+def test_pickles_for_worker_processes() -> None:
+    import pickle
+
+    tok = _build("chinese-sp", "cog-pretrain.model", True, True, False)
+    text = "北京是中国的[MASK]，有很多[sMASK]。 and English"
+    back = pickle.loads(pickle.dumps(tok))
+    assert back.encode(text) == tok.encode(text) and back.command_tokens == tok.command_tokens
+
+
 def test_missing_ids_are_none() -> None:
     bert = _build("bert", "bert-large-uncased-vocab.txt", True, False, False)
     assert (bert.gmask_id, bert.smask_id, bert.dblock_id) == (None, None, None)

@@ -618,7 +618,7 @@ class GLMTokenizer:
         """
         return self.encode_batch([text])[0]
 
-    def encode_batch(self, texts: Sequence[str | bytes]) -> list[list[int]]:
+    def encode_batch(self, texts: Iterable[str | bytes]) -> list[list[int]]:
         """Token ids of many texts through the library's batch path (Rust threads / SentencePiece threads).
 
         Args:
@@ -627,6 +627,7 @@ class GLMTokenizer:
         Returns:
             One id list per text, equal to `encode` of each.
         """
+        texts = list(texts)
         splits = [self._split(_as_text(t, i)) for i, t in enumerate(texts)]
         fragments = [p for parts in splits for p in parts if isinstance(p, str)]
         try:
