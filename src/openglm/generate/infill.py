@@ -8,7 +8,6 @@ token is never fed, and neither is the last token of a blank that stopped at `ma
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,8 +28,6 @@ from openglm.generate.decoding import (
 )
 from openglm.generate.state import DecodeState
 from openglm.model import GLMModel
-
-log = logging.getLogger(__name__)
 
 _MASK_TEXT = re.compile(r"\[(?:MASK|sMASK|gMASK)\]")
 
@@ -202,38 +199,34 @@ def _decode_stepwise(
         generator = torch.Generator(device=state.device).manual_seed(config.seed)
     stop = set(stop_ids)
     while not all(r.done for r in rows):
-        tokens, pos, block, real = [], [], [], []
+        feeds = []  # (token, position, block position, real) per row
         for r in rows:
             if r.done:
-                tokens.append(special.pad), pos.append(0), block.append(0), real.append(False)
+                feeds.append((special.pad, 0, 0, False))
             elif r.fresh:
-                (
-                    tokens.append(special.sop),
-                    pos.append(r.positions[r.blank]),
-                    block.append(1),
-                    real.append(True),
-                )
+                feeds.append((special.sop, r.positions[r.blank], 1, True))
             else:
-                tokens.append(r.tokens[-1]), pos.append(r.positions[r.blank]), block.append(len(r.tokens) + 1)
-                real.append(True)
-        active = [(i, r) for i, (r, is_real) in enumerate(zip(rows, real, strict=True)) if is_real]
+                feeds.append((r.tokens[-1], r.positions[r.blank], len(r.tokens) + 1, True))
+        tokens, pos, block, real = (list(column) for column in zip(*feeds, strict=True))
+        active = [(i, r) for i, r in enumerate(rows) if not r.done]
         logits = _feed_one(state, tokens, pos, block, real).float()  # (N, V)
         logprobs = F.log_softmax(logits, dim=-1)
         penalize_repetition(logits, [r.history for _, r in active], config.repetition_penalty)
         ban_until_min_length(logits, [len(r.tokens) for _, r in active], config.min_length, stop_ids)
         ban_repeated_ngrams(logits, [r.tokens for _, r in active], config.no_repeat_ngram_size)
         if config.do_sample:
-            chosen = sample_tokens(logits, config, generator).tolist()
+            chosen = sample_tokens(logits, config, generator)
         else:
-            chosen = logits.argmax(dim=-1).tolist()
-        for j, ((i, r), tok) in enumerate(zip(active, chosen, strict=True)):
+            chosen = logits.argmax(dim=-1)
+        chosen_logprobs = logprobs.gather(-1, chosen[:, None])[:, 0].tolist()
+        for (i, r), tok, logprob in zip(active, chosen.tolist(), chosen_logprobs, strict=True):
             r.fresh = False
             if tok in stop:
                 r.finish("end_token", tok)
                 continue
             r.tokens.append(tok)
             r.history.append(tok)
-            r.logprob += float(logprobs[j, tok])
+            r.logprob += logprob
             yield TokenEvent(i, r.blank, tok)
             if len(r.tokens) >= config.max_length:
                 r.finish("max_length", None)
