@@ -30,6 +30,16 @@ from openglm.tasks.lm_eval import (
     wikitext_detokenize,
 )
 
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Tiny models run fastest on one thread; several threads on a shared CPU slow them down many times."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 TOKENIZER_FILES = {"bert": "bert-large-uncased-vocab.txt", "gpt2": "gpt2-vocab.json"}
 LM_PREFIXES = ("lambada_", "wikitext_", "lm_")
 

@@ -31,6 +31,15 @@ from openglm.tasks.seq2seq import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Tiny models run fastest on one thread; several threads on a shared CPU slow them down many times."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("name", fixture_cases(("xsum_", "customization_")) or ["<no fixtures>"])
 def test_seq2seq_layout_parity(name: str) -> None:
     """Rows built from the example strings with our tokenizer equal the official rows id for id."""
