@@ -5,7 +5,6 @@ Rust `tokenizers` library and `sentencepiece`; this module only adds GLM's comma
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import tempfile
@@ -15,8 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from openglm.config import pad_vocab_size
-
-log = logging.getLogger(__name__)
 
 KINDS = ("bert", "gpt2", "roberta", "chinese-sp", "chinese-sp-fix", "bpe")
 CONFIG_FILE = "tokenizer_config.json"
