@@ -210,3 +210,23 @@ def test_finetune_seq2seq_end_to_end(tmp_path: Path) -> None:
     best = GLMModel.from_pretrained(result["best"])
     assert best.config.max_sequence_length == 80  # position tables grown for the 80-token source
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["step"] == 3
+
+
+def test_explicit_mask_token() -> None:
+    from openglm.tasks.seq2seq import resolve_mask
+    from openglm.tokenizer import GLMTokenizer
+
+    vocab = shared_data_dir() / "tokenizers" / "gpt2-vocab.json"
+    if not vocab.is_file():
+        pytest.skip(f"tokenizer files not available: {vocab}")
+    tok = GLMTokenizer.from_files("gpt2", vocab)
+    default = seq2seq_sample("a source", None, tok, "customization", 16, 8)
+    assert default["input_ids"][default["mask_position"]] == tok.smask_id  # task-mask default: [sMASK]
+    gmask = seq2seq_sample("a source", None, tok, "customization", 16, 8, resolve_mask(tok, "[gMASK]"))
+    assert gmask["input_ids"][gmask["mask_position"]] == tok.gmask_id
+    assert resolve_mask(tok, None) is None
+    with pytest.raises(ValueError, match="expected"):
+        resolve_mask(tok, "MASK")
+    no_task_mask = GLMTokenizer.from_files("gpt2", vocab, task_mask=False)
+    with pytest.raises(ValueError, match="not in this tokenizer"):
+        resolve_mask(no_task_mask, "[gMASK]")

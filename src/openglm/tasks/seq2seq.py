@@ -123,6 +123,21 @@ def source_part(
     return ids, len(ids) - 2
 
 
+def resolve_mask(tokenizer: Any, mask_token: str | None) -> int | None:
+    """The id of an explicitly chosen mask token ("[MASK]", "[sMASK]" or "[gMASK]"); None keeps the layout's
+    default ([sMASK] for task-mask tokenizers, else [MASK])."""
+    if mask_token is None:
+        return None
+    if mask_token not in ("[MASK]", "[sMASK]", "[gMASK]"):
+        raise ValueError(f"mask_token={mask_token!r}; expected [MASK], [sMASK] or [gMASK]")
+    mask_id = tokenizer.token_to_id(mask_token)
+    if mask_id is None:
+        raise ValueError(
+            f"mask_token={mask_token!r} is not in this tokenizer (task-mask tokens need task_mask=True)"
+        )
+    return mask_id
+
+
 def target_tokens(target: str, tokenizer: Any, tgt_seq_length: int) -> tuple[list[int], int]:
     """ " "+target + [eop], truncated (eop is appended first, so a long target loses it) and padded to
     `tgt_seq_length`; returns the ids and the number of real ones."""
@@ -375,6 +390,7 @@ def evaluate_seq2seq(
     mask_pad: bool = False,
     output: str | os.PathLike | None = None,
     pairs: Sequence[tuple[str, str]] | None = None,
+    mask_token: str | None = None,
 ) -> dict[str, float]:
     """Decode every source with beam search and score ROUGE against the references (spec D.7, E.2).
 
@@ -395,14 +411,16 @@ def evaluate_seq2seq(
         mask_pad: customization with hidden pads.
         output: write `{"source", "reference", "prediction"}` jsonl rows here.
         pairs: already-read pairs (then `data` is only named in messages).
+        mask_token: "[MASK]", "[sMASK]" or "[gMASK]" instead of the layout's default mask.
 
     Returns:
         `{"rouge1", "rouge2", "rougeL", "count"}`.
     """
     decode = decode or DecodeSettings()
+    mask_id = resolve_mask(tokenizer, mask_token)
     pairs = list(pairs if pairs is not None else read_pairs(data, split))[:limit]
     samples = [
-        seq2seq_sample(src, None, tokenizer, layout, src_seq_length, tgt_seq_length, mask_pad=mask_pad)
+        seq2seq_sample(src, None, tokenizer, layout, src_seq_length, tgt_seq_length, mask_id, mask_pad)
         for src, _ in pairs
     ]
     was_training = model.training
@@ -455,6 +473,7 @@ def finetune_seq2seq(
     dev_limit: int | None = 100,
     decode: DecodeSettings | None = None,
     mask_pad: bool = False,
+    mask_token: str | None = None,
     precision: str = "fp32",
     device: str = "auto",
     seed: int = 1234,
@@ -489,6 +508,7 @@ def finetune_seq2seq(
         dev_limit: dev pairs decoded per evaluation (None: all).
         decode: beam-search settings.
         mask_pad: customization with hidden pads.
+        mask_token: "[MASK]", "[sMASK]" or "[gMASK]" instead of the layout's default mask.
         precision: `fp32`, `bf16` or `fp16`.
         device: `auto`, `cpu`, `cuda`, ...
         seed: seed of initialisation, dropout and data order.
@@ -506,10 +526,11 @@ def finetune_seq2seq(
     tokenizer = GLMTokenizer.from_pretrained(tokenizer_dir or model_dir)
     model = GLMModel.from_pretrained(model_dir)
     extend_positions(model, src_seq_length)
+    mask_id = resolve_mask(tokenizer, mask_token)
     train_pairs = read_pairs(train_data, "train")
     dev_pairs = read_pairs(dev_data, "dev") if dev_data is not None else None
     samples = [
-        seq2seq_sample(s, t, tokenizer, layout, src_seq_length, tgt_seq_length, mask_pad=mask_pad)
+        seq2seq_sample(s, t, tokenizer, layout, src_seq_length, tgt_seq_length, mask_id, mask_pad)
         for s, t in train_pairs
     ]
     batches = Seq2SeqBatches(samples, batch_size, tokenizer.pad_id, seed)
@@ -548,6 +569,7 @@ def finetune_seq2seq(
             limit=dev_limit,
             mask_pad=mask_pad,
             pairs=dev_pairs,
+            mask_token=mask_token,
         )
         keep_if_best(metrics, net)
         return metrics
@@ -596,6 +618,7 @@ def run_seq2seq_eval(
     limit: int | None = None,
     mask_pad: bool = False,
     output: str | None = None,
+    mask_token: str | None = None,
     device: str = "auto",
 ) -> dict[str, float]:
     """ROUGE of a (fine-tuned) checkpoint on source/target pairs; the entry point for `openglm eval`.
@@ -616,6 +639,7 @@ def run_seq2seq_eval(
         limit: only the first `limit` pairs.
         mask_pad: customization with hidden pads.
         output: write predictions (jsonl) here.
+        mask_token: "[MASK]", "[sMASK]" or "[gMASK]" instead of the layout's default mask.
         device: `auto`, `cpu`, `cuda`, ...
 
     Returns:
@@ -642,4 +666,5 @@ def run_seq2seq_eval(
         limit,
         mask_pad,
         output,
+        mask_token=mask_token,
     )
