@@ -147,6 +147,9 @@ def test_cli_prepare(tmp_path: Path, tok_dir: Path, capsys: pytest.CaptureFixtur
             ["data", "prepare", "--input", str(tmp_path / "nope"), "--tokenizer", str(tok_dir), "--out", "x"]
         )
     assert "no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["data", "prepare", "--tokenizer", str(tok_dir), "--out", str(tmp_path / "o2")])
+    assert "--input is required" in capsys.readouterr().err
 
 
 def test_prepare_gutenberg_book(tmp_path: Path, tok_dir: Path) -> None:

@@ -367,10 +367,9 @@ def _chunks(docs: Iterator[str], max_docs: int, max_chars: int) -> Iterator[list
 
 
 def prepare_corpus(
-    *,
-    input: list[str] | str,
-    tokenizer: str,
-    out: str,
+    input: list[str] | str | None = None,
+    tokenizer: str | None = None,
+    out: str | None = None,
     text_format: Literal["paragraphs", "lines"] = "paragraphs",
     jsonl_field: str = "text",
     pattern: str = "*",
@@ -400,12 +399,18 @@ def prepare_corpus(
         overwrite: replace an existing shard directory.
         progress: show a progress bar.
 
+    `input`, `tokenizer` and `out` are required; they have defaults only so that the command line takes them
+    as flags (`--input ... --tokenizer ... --out ...`).
+
     Returns:
         A summary: out, num_docs, num_tokens, dtype, shards, skipped (counts per kind of bad input). The
         full manifest is OUT/manifest.json (`ShardedCorpus(out).manifest`).
     """
     from tqdm import tqdm
 
+    for name, value in (("input", input), ("tokenizer", tokenizer), ("out", out)):
+        if value is None or (isinstance(value, list) and not value):
+            raise ValueError(f"data prepare: --{name} is required")
     out_dir = Path(out)
     if (out_dir / MANIFEST).exists() and not overwrite:
         raise ValueError(f"{out_dir}: already holds a shard manifest (pass --overwrite to replace it)")
