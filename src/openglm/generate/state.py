@@ -78,14 +78,17 @@ class DecodeState:
         real = real.to(self.device, torch.bool)
         S = self.cache.length
         past = self.visible() if S else torch.zeros(B, 0, dtype=torch.bool, device=self.device)
-        if bidirectional:
-            new = real[:, None, :].expand(B, T, T)
+        if T == 1:  # the decoding step: each row sees its visible cache and itself
+            mask = torch.cat([past, past.new_ones(B, 1)], dim=-1)[:, None, None, :]  # (B, 1, 1, S + 1)
         else:
-            causal = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()
-            new = causal[None] & real[:, None, :]
-        # A query always sees itself, so a padding query never has an empty row (its output is discarded).
-        new = new | torch.eye(T, dtype=torch.bool, device=self.device)[None]
-        mask = torch.cat([past[:, None, :].expand(B, T, S), new], dim=-1).unsqueeze(1)  # (B, 1, T, S + T)
+            if bidirectional:
+                new = real[:, None, :].expand(B, T, T)
+            else:
+                causal = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()
+                new = causal[None] & real[:, None, :]
+            # A query always sees itself, so a padding query never has an empty row (its output is discarded).
+            new = new | torch.eye(T, dtype=torch.bool, device=self.device)[None]
+            mask = torch.cat([past[:, None, :].expand(B, T, S), new], dim=-1).unsqueeze(1)  # (B, 1, T, S + T)
         select = (
             logits_at if logits_at is not None else torch.zeros(B, T, dtype=torch.bool, device=self.device)
         )
