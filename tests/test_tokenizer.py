@@ -428,11 +428,20 @@ def test_cli_train(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
 
     corpus = tmp_path / "c.txt"
     corpus.write_text("".join(_CORPUS), encoding="utf-8")
-    main(["tokenizer", "train", str(corpus), "300", str(tmp_path / "tok"), "--progress", "false"])
+    other = tmp_path / "d.txt"
+    other.write_text("more text\n", encoding="utf-8")
+    flags = ["--vocab_size", "300", "--out", str(tmp_path / "tok"), "--progress", "false"]
+    main(["tokenizer", "train", "--corpus", str(corpus), "--corpus+", str(other), *flags])
     assert GLMTokenizer.from_pretrained(tmp_path / "tok").num_tokens <= 300
     corpus.write_bytes(b"abc\x80")
-    with pytest.raises(SystemExit) as exit_info:
-        main(["tokenizer", "train", f"[{corpus}]", "300", str(tmp_path / "tok2")])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == f"openglm: error: {corpus}: not valid UTF-8 at byte offset 3; convert the file to UTF-8"
+    for argv, message in [
+        (
+            ["--corpus", f"[{corpus}]", *flags],
+            f"{corpus}: not valid UTF-8 at byte offset 3; convert the file to UTF-8",
+        ),
+        (["--corpus", str(other), "--out", str(tmp_path / "x")], "tokenizer train: --vocab_size is required"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["tokenizer", "train", *argv])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"openglm: error: {message}"

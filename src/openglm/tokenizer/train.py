@@ -141,7 +141,11 @@ def train_bpe(
 
 
 def train_tokenizer(
-    corpus: list[str] | str, vocab_size: int, out: str, min_frequency: int = 2, progress: bool = True
+    corpus: list[str] | str | None = None,
+    vocab_size: int | None = None,
+    out: str | None = None,
+    min_frequency: int = 2,
+    progress: bool = True,
 ) -> str:
     """Train a byte-level BPE tokenizer with the GLM special tokens on text files and save it.
 
@@ -151,15 +155,21 @@ def train_tokenizer(
 
     Args:
         corpus: UTF-8 text files, directories (every non-hidden file below) or glob patterns; one path or a
-            list (on the command line: `PATH` or `[PATH,PATH,...]`).
+            list.
         vocab_size: total number of tokens including the 10 GLM tokens (the corpus may yield fewer).
         out: output directory (created; other files in it are kept).
         min_frequency: pairs seen fewer times are not merged.
         progress: show progress bars.
 
+    `corpus`, `vocab_size` and `out` are required; they have defaults only so that the command line takes them
+    as flags (`--corpus PATH --vocab_size N --out DIR`; several inputs: `--corpus [A,B]` or `--corpus+ B`).
+
     Returns:
         The output directory.
     """
+    for name, value in (("corpus", corpus), ("vocab_size", vocab_size), ("out", out)):
+        if value is None or (isinstance(value, list) and not value):
+            raise ValueError(f"tokenizer train: --{name} is required")
     files = corpus_files([corpus] if isinstance(corpus, str | os.PathLike) else corpus)
     log.info("training a %d-token byte-level BPE on %d file(s)", vocab_size, len(files))
     tok = train_bpe(iter_lines(files, progress), vocab_size, min_frequency, progress)
