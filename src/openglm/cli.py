@@ -33,10 +33,22 @@ def _commands() -> dict[str, Any]:
     return table
 
 
+def _normalise_flags(argv: list[str]) -> list[str]:
+    """Accept `--vocab-size` as well as `--vocab_size` (jsonargparse names flags after the parameters)."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--") and len(arg) > 2:
+            name, sep, value = arg[2:].partition("=")
+            arg = "--" + name.replace("-", "_") + sep + value
+        out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     from jsonargparse import CLI
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    argv = _normalise_flags(sys.argv[1:] if argv is None else list(argv))
     try:
         result = CLI(_commands(), args=argv, as_positional=True)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, UnicodeDecodeError) as err:
