@@ -496,3 +496,12 @@ def test_cli_infill(model_dir: Path, tmp_path: Path, capsys, monkeypatch) -> Non
     with pytest.raises(SystemExit) as exit_info:
         main(["infill", str(model_dir), f"@{tmp_path / 'missing.txt'}"])
     assert exit_info.value.code == 2 and "missing.txt" in capsys.readouterr().err
+
+
+def test_tokenizer_without_block_symbols_is_refused() -> None:
+    from openglm.tokenizer import GLMTokenizer
+
+    vocab = require(shared_data_dir() / "tokenizers" / "bert-large-uncased-vocab.txt")
+    tokenizer = GLMTokenizer.from_files("bert", vocab, block_symbols=False)
+    with pytest.raises(ValueError, match="block symbols"):
+        fill_blanks(_tiny_model(), tokenizer, "a [MASK] b")

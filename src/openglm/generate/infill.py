@@ -43,7 +43,17 @@ class SpecialIds:
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any) -> SpecialIds:
-        return cls(sop=tokenizer.sop_id, eop=tokenizer.eop_id, eos=tokenizer.eos_id, pad=tokenizer.pad_id)
+        ids = {
+            "sop": tokenizer.sop_id,
+            "eop": tokenizer.eop_id,
+            "eos": tokenizer.eos_id,
+            "pad": tokenizer.pad_id,
+        }
+        missing = [name for name, value in ids.items() if value is None]
+        if missing or tokenizer.cls_id is None:
+            names = ", ".join(missing + (["cls"] if tokenizer.cls_id is None else []))
+            raise ValueError(f"the tokenizer has no {names} token; blank filling needs GLM's block symbols")
+        return cls(**ids)
 
 
 @dataclass
