@@ -208,13 +208,15 @@ def decode_blanks(
 
     config = GenerationConfig(max_length=max_length, min_length=1, num_beams=1, stop_ids=(tokenizer.eop_id,))
     special = SpecialIds.from_tokenizer(tokenizer)
+    # The softmax covers the padded vocabulary; its dummy rows have no text and are dropped.
+    limit = getattr(tokenizer, "num_tokens", None) or float("inf")
     out: list[list[list[int]]] = []
     for i in range(0, len(samples), batch_size):
         chunk = samples[i : i + batch_size]
         contexts = [list(s["input_ids"][: s["sep"]]) for s in chunk]
         fills = fill_blank_ids(model, contexts, [list(s["mask_positions"]) for s in chunk], special, config)
         for per_text in fills:
-            out.append([[t for t in f.token_ids if t != tokenizer.eop_id] for f in per_text])
+            out.append([[t for t in f.token_ids if t != tokenizer.eop_id and t < limit] for f in per_text])
     return out
 
 

@@ -342,6 +342,8 @@ def generate_targets(
         stop_ids=(tokenizer.eop_id,),
     )
     special = SpecialIds.from_tokenizer(tokenizer)
+    # The softmax covers the padded vocabulary; its dummy rows have no text and are dropped.
+    limit = getattr(tokenizer, "num_tokens", None) or float("inf")
     outputs: list[list[int]] = []
     for i in range(0, len(samples), batch_size):
         chunk = samples[i : i + batch_size]
@@ -351,7 +353,7 @@ def generate_targets(
         fills = fill_blank_ids(model, contexts, [[int(s["mask_position"])] for s in chunk], special, config)
         for per_text in fills:
             ids = list(per_text[0].token_ids) if per_text else []
-            outputs.append([t for t in ids if t not in (tokenizer.eop_id, tokenizer.pad_id)])
+            outputs.append([t for t in ids if t not in (tokenizer.eop_id, tokenizer.pad_id) and t < limit])
     return outputs
 
 
