@@ -251,7 +251,13 @@ def _naive_greedy(model: GLMModel, ctx: list[int], positions: list[int], max_len
 def test_cached_fill_equals_full_recomputation() -> None:
     model = _tiny_model()
     config = GenerationConfig(max_length=6, min_length=0)
-    fills = fill_blank_ids(model, TEXTS, MASKS, SPECIAL, config)
+    batch_rows: list[int] = []
+    hook = model.register_forward_hook(lambda _m, inputs, _o: batch_rows.append(inputs[0].shape[0]))
+    try:
+        fills = fill_blank_ids(model, TEXTS, MASKS, SPECIAL, config)
+    finally:
+        hook.remove()
+    assert batch_rows[0] == len(TEXTS) and batch_rows[-1] < len(TEXTS)  # finished texts leave the batch
     with torch.no_grad():
         for ctx, masks, row in zip(TEXTS, MASKS, fills, strict=True):
             assert [b.token_ids for b in row] == _naive_greedy(model, ctx, masks, 6)

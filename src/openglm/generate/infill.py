@@ -208,9 +208,17 @@ def _decode_stepwise(
     if config.do_sample and config.seed is not None:
         generator = torch.Generator(device=state.device).manual_seed(config.seed)
     stop = set(stop_ids)
-    while not all(r.done for r in rows):
-        feeds = []  # (token, position, block position, real) per row
-        for r in rows:
+    slots = list(range(len(rows)))  # the text held by each row of the decode state
+    while True:
+        live = [i for i in slots if not rows[i].done]
+        if not live:
+            break
+        if len(live) <= len(slots) // 2:
+            # Most texts are finished (fewer or shorter blanks): drop their rows so steps stop computing them.
+            state = state.expand(torch.tensor([j for j, i in enumerate(slots) if not rows[i].done]))
+            slots = live
+        feeds = []  # (token, position, block position, real) per state row
+        for r in (rows[i] for i in slots):
             if r.done:
                 feeds.append((special.pad, 0, 0, False))
             elif r.fresh:
@@ -218,7 +226,7 @@ def _decode_stepwise(
             else:
                 feeds.append((r.tokens[-1], r.positions[r.blank], len(r.tokens) + 1, True))
         tokens, pos, block, real = (list(column) for column in zip(*feeds, strict=True))
-        active = [(i, r) for i, r in enumerate(rows) if not r.done]
+        active = [(i, rows[i]) for i in slots if not rows[i].done]
         logits = _feed_one(state, tokens, pos, block, real).float()  # (N, V)
         logprobs = F.log_softmax(logits, dim=-1)
         penalize_repetition(logits, [r.history for _, r in active], config.repetition_penalty)
