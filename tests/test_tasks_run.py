@@ -282,3 +282,33 @@ def test_lm_and_infilling_task_names_are_handed_to_their_modules(tiny_dir: Path,
         progress=False,
     )
     assert out["task"] == "yahoo" and "bleu" in out
+
+
+def test_block_lm_regularisation_mixes_blank_infilling_batches(tiny_dir: Path, tmp_path: Path) -> None:
+    from openglm.tasks.cloze import filled_pattern_tokens
+    from openglm.tasks.run import EpochBatches, MixedBatches
+    from openglm.tokenizer import GLMTokenizer
+
+    _write_data(tmp_path / "data", n_train=16, n_dev=4)
+    task = load_task(_task_yaml(tmp_path, CLOZE_YAML.replace("max_seq_length: 32", "max_seq_length: 24")))
+    tok = GLMTokenizer.from_pretrained(tiny_dir)
+    examples = task.read(task.split_path("train"), "train")
+    filled = filled_pattern_tokens(task, examples[1], tok)
+    # "the film was so fun it was great ." wrapped as [CLS] ... eos, the label word in the mask slot
+    assert filled[0] == tok.cls_id and filled[-1] == tok.eos_id and tok.mask_id not in filled.tolist()
+    assert tok.decode(filled[1:-1].tolist()).split()[-2:] == ["great", "."]
+    samples = [encode_example(task, e, tok) for e in examples]
+    filled_all = [filled_pattern_tokens(task, e, tok) for e in examples]
+    mixed = MixedBatches(EpochBatches(samples, 4, 0), filled_all, tok, ratio=1.0, seed=0)
+    it = iter(mixed)
+    kinds = ["labels" in next(it) for _ in range(12)]
+    assert any(kinds) and not all(kinds)  # both cloze and blank-infilling steps occur
+    again = MixedBatches(EpochBatches(samples, 4, 0), filled_all, tok, ratio=1.0, seed=0)
+    assert ["labels" in b for b, _ in zip(again, range(12), strict=False)] == kinds  # seeded per step
+    settings = FinetuneSettings(
+        max_steps=4, batch_size=4, lr=1e-3, block_lm_ratio=1.0, progress=False, device="cpu"
+    )
+    report = finetune(
+        task=str(tmp_path / "task.yaml"), model=str(tiny_dir), out_dir=str(tmp_path / "run"), train=settings
+    )
+    assert report["steps"] == 4 and report["final_loss"] is not None

@@ -388,6 +388,37 @@ def encode_example(
     )
 
 
+def filled_pattern_tokens(
+    task: ClozeTask,
+    example: Example,
+    tokenizer: Tokenizer,
+    pattern_id: int | None = None,
+    max_seq_length: int | None = None,
+    split: str = "train",
+) -> np.ndarray:
+    """[CLS] pattern-with-the-answer eos: the labelled example as plain text for block-LM regularisation (D.10).
+
+    The mask slot holds the gold label word (single-token) or the gold answer (multi-token); the result is
+    shortened like a cloze input and then fed to the pretraining objective (spec C.2-C.4).
+    """
+    pid = task.check_pattern(pattern_id)
+    label = task.label_index(example, split)
+    if label < 0:
+        raise ValueError(f"task {task.name}: example {example.guid} has no label to fill the pattern with")
+    answer = task.answers(example, pid)[label] if task.multi_token else task.verbalizer(pid)[label]
+    parts_a, parts_b = task.pattern(example, pid)
+    enc_a = encode_parts(tokenizer, [Fragment(answer) if f.is_mask else f for f in parts_a])
+    enc_b = encode_parts(tokenizer, [Fragment(answer) if f.is_mask else f for f in parts_b])
+    truncate(enc_a, enc_b, 0, max_seq_length or task.max_seq_length)
+    ids = [
+        tokenizer.cls_id,
+        *(t for ids, _ in enc_a for t in ids),
+        *(t for ids, _ in enc_b for t in ids),
+        tokenizer.eos_id,
+    ]
+    return np.asarray(ids, dtype=np.int64)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Batching, scoring and losses
 

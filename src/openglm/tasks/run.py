@@ -35,6 +35,7 @@ from openglm.tasks.cloze import (
     cloze_scores,
     collate,
     encode_example,
+    filled_pattern_tokens,
 )
 from openglm.tasks.metrics import compute_metrics
 from openglm.tasks.superglue import SPLIT_FILES, TASKS, SuperGLUETask, get_task
@@ -117,6 +118,9 @@ class FinetuneSettings:
         precision: `fp32`, `bf16` or `fp16` (CUDA).
         resume: continue from the newest checkpoint in the output directory.
         progress: show progress bars.
+        block_lm_ratio: rho of the block-LM regularisation (spec D.10, cloze mode): a step is, with
+            probability rho / (1 + rho), a blank-infilling batch of the training examples with the answer
+            filled into the pattern. 0 turns it off (default).
     """
 
     recipe: str = "large"
@@ -137,8 +141,11 @@ class FinetuneSettings:
     precision: str = "fp32"
     resume: bool = False
     progress: bool = True
+    block_lm_ratio: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.block_lm_ratio < 0:
+            raise ValueError(f"train.block_lm_ratio={self.block_lm_ratio!r} must be >= 0")
         if self.recipe not in RECIPES:
             raise ValueError(f"train.recipe={self.recipe!r}; expected one of {RECIPES}")
         for name in ("epochs", "max_steps", "batch_size", "eval_batch_size", "eval_every"):
@@ -273,6 +280,67 @@ class EpochBatches:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+class MixedBatches:
+    """Block-LM regularisation (spec D.10): each step is, with probability ratio / (1 + ratio), a pretraining-
+    style blank-infilling batch of filled patterns; otherwise the next cloze batch. Draws come from
+    (seed, step), so a resumed run sees the same sequence."""
+
+    def __init__(
+        self,
+        cloze: EpochBatches,
+        filled: Sequence[np.ndarray],
+        tokenizer: Any,
+        ratio: float,
+        seed: int,
+    ) -> None:
+        from openglm.blank_infilling import BlankInfilling, ObjectiveConfig, SpecialTokens
+
+        if not filled:
+            raise ValueError("block-LM regularisation needs labelled training examples")
+        self.cloze = cloze
+        self.filled = list(filled)
+        self.objective = BlankInfilling(ObjectiveConfig(), SpecialTokens.from_tokenizer(tokenizer))
+        self.pad_id = tokenizer.eos_id
+        self.prob = ratio / (1.0 + ratio)
+        self.seed = seed
+        self.step = 0
+        self._cloze_iter: Iterator[dict[str, Tensor]] | None = None
+
+    def _next_cloze(self) -> dict[str, Tensor]:
+        if self._cloze_iter is None:
+            self._cloze_iter = iter(self.cloze)
+        try:
+            return next(self._cloze_iter)
+        except StopIteration:
+            self._cloze_iter = iter(self.cloze)
+            return next(self._cloze_iter)
+
+    def _block_batch(self, rng: np.random.Generator) -> dict[str, Any] | None:
+        from openglm.blank_infilling import pad_rows
+
+        pick = rng.choice(len(self.filled), size=min(self.cloze.batch_size, len(self.filled)), replace=False)
+        block = self.objective([self.filled[i] for i in pick], rng)
+        if not block.rows:  # every sample too short for its spans
+            return None
+        arrays = pad_rows(block.rows, pad_id=self.pad_id)
+        return {**{k: torch.from_numpy(v) for k, v in arrays.items()}, "mode": block.mode}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while True:
+            rng = np.random.default_rng([self.seed, 7, self.step])
+            self.step += 1
+            batch = self._block_batch(rng) if rng.random() < self.prob else None
+            yield batch if batch is not None else self._next_cloze()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "cloze": self.cloze.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.cloze.load_state_dict(state["cloze"])
+        self._cloze_iter = None
 
 
 def batch_scores(model: nn.Module, batch: dict[str, Tensor], mode: str, length_penalty: float) -> Tensor:
@@ -421,7 +489,7 @@ def finetune(
     """
     if task.lower() in SEQ2SEQ_TASKS + INFILLING_TASKS + LM_EVAL_TASKS:
         return _dispatch_finetune(task.lower(), model, out_dir, tokenizer, data, train)
-    from openglm.train.loop import fit
+    from openglm.train.loop import fit, glm_loss
     from openglm.train.settings import OptimSettings, TrainSettings
 
     t = resolve_task(task)
@@ -440,8 +508,14 @@ def finetune(
     dev_examples = load_examples(t, data, "dev", data.max_eval_examples)
     train_samples = encode_all(t, train_examples, tok, data, "train")
     dev_samples = encode_all(t, dev_examples, tok, data, "dev")
-    batches = EpochBatches(train_samples, int(hp["batch_size"]), train.seed)
+    batches: EpochBatches | MixedBatches = EpochBatches(train_samples, int(hp["batch_size"]), train.seed)
     steps_per_epoch = len(batches)
+    if train.block_lm_ratio > 0:
+        if data.mode != "cloze":
+            raise ValueError("train.block_lm_ratio applies to cloze fine-tuning only (data.mode=cloze)")
+        max_len = data.max_seq_length or t.max_seq_length
+        filled = [filled_pattern_tokens(t, e, tok, data.pattern_id, max_len, "train") for e in train_examples]
+        batches = MixedBatches(batches, filled, tok, train.block_lm_ratio, train.seed)
     max_steps = train.max_steps or int(hp["epochs"]) * steps_per_epoch
     eval_every = min(train.eval_every or steps_per_epoch, max_steps)
     logger.info(
@@ -455,9 +529,13 @@ def finetune(
 
     def loss_fn(m: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         counter["micro_batches"] += 1
+        # Every batch weighs 1 (its own mean loss), as the official step loss: cloze batches average over
+        # examples, block-LM batches (D.10) over their target tokens.
+        if "labels" not in batch:
+            total, weight = glm_loss(m, batch)
+            return total / weight.clamp(min=1.0), torch.ones(())
         scores = batch_scores(m, batch, data.mode, length_penalty)
-        n = batch["labels"].numel()
-        return cloze_loss(scores, batch["labels"], loss_func) * n, torch.tensor(float(n))
+        return cloze_loss(scores, batch["labels"], loss_func), torch.ones(())
 
     def eval_fn(m: nn.Module) -> dict[str, float]:
         from openglm import parallel
@@ -510,7 +588,7 @@ def finetune(
         optim,
         run_dir=out,
         loss_fn=loss_fn,
-        count_fn=lambda b: float(b["labels"].numel()),
+        count_fn=lambda b: 1.0,
         eval_fn=eval_fn,
         resume=train.resume,
     )
