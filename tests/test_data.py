@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tests.conftest import require, shared_data_dir
+from tests.conftest import reference_dir, require, shared_data_dir
 from torch.utils.data import DataLoader
 
 from openglm.blank_infilling import ObjectiveConfig, SpecialTokens
@@ -329,3 +329,52 @@ def test_sharded_corpus_feeds_batches(tmp_path: Path, tok_dir: Path, tokenizer) 
         assert len(batches) == 2 and all(b["mode"] == mode for b in batches)
     again = validation_batches(corpus.subset(valid_ids), special, seq_length=128, batch_size=2, num_batches=2)
     assert_batches_equal(valid["sentence"][1], again["sentence"][1])
+
+
+def test_sample_assembly_matches_fixture() -> None:
+    """Spec C.1 on the fixture's own documents: the same documents, and sample lengths and packing that
+    match the official BlockDataset's statistics (2000 samples of 512)."""
+    import random
+
+    from openglm.data.shards import _PUNCTUATION
+    from openglm.tokenizer import GLMTokenizer
+
+    fixtures = reference_dir() / "blank_infilling"
+    stats = json.loads(require(fixtures / "pipeline_stats.json").read_text())
+    text = require(shared_data_dir() / "corpora" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    # The fixture's documents (its README): groups of k blank-line separated speeches joined by newlines.
+    speeches = [s for s in text.split("\n\n") if s.strip()]
+    choose, docs, i = random.Random(12345), [], 0
+    while i < len(speeches):
+        k = choose.choice([1, 1, 2, 3, 5, 8, 13, 21, 34])
+        docs.append("\n".join(speeches[i : i + k]))
+        i += k
+    assert len(docs) == stats["n_documents"]
+    tok = GLMTokenizer.from_files("bert", shared_data_dir() / "tokenizers" / "bert-large-uncased-vocab.txt")
+    corpus = InMemoryCorpus(
+        [np.array(ids) for ids in tok.encode_batch([d.translate(_PUNCTUATION) for d in docs])]
+    )
+    special = SpecialTokens.from_tokenizer(tok)
+
+    data = np.load(require(fixtures / "pipeline_samples_bert.npz"))
+    text_ids, off = data["text"], data["offsets"]
+    theirs = [text_ids[off[i] : off[i + 1]] for i in range(len(off) - 1)]
+    known = {tuple(d.tolist()) for d in corpus.documents}
+    complete = 0
+    for sample in theirs[:200]:
+        cls_at = np.flatnonzero(sample == special.cls).tolist()
+        for a, b in zip(cls_at, cls_at[1:] + [len(sample)], strict=True):
+            if a > 0 and sample[b - 1] == special.eos:  # a packed, unstripped document
+                assert tuple(sample[a + 1 : b - 1].tolist()) in known
+                complete += 1
+    assert complete > 5
+
+    assemble = SampleAssembler(corpus, special, seq_length=512, seed=0)
+    ours = [assemble(i)[0] for i in range(len(theirs))]
+    n = len(theirs)
+    for stat in (len, lambda s: float(np.count_nonzero(s == special.cls) > 1)):
+        a = np.array([stat(s) for s in ours], dtype=float)
+        b = np.array([stat(s) for s in theirs], dtype=float)
+        se = np.sqrt(a.var() / n + b.var() / n)
+        assert abs(a.mean() - b.mean()) <= 4 * se, (a.mean(), b.mean(), se)
+    assert min(len(s) for s in ours) > 256 and max(len(s) for s in ours) == 512

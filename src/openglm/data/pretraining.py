@@ -44,7 +44,10 @@ class SampleAssembler:
     Documents are drawn with probability proportional to their length (eos included). A document that
     does not fit is cropped at a random start moved to a sentence boundary (up to seq/2 tokens back or
     forward, 50/50) and its right end is cut back to a sentence end when that keeps half the length.
-    Shorter documents are packed, each as [CLS] tokens eos, until the sequence is full.
+    Shorter documents are packed, each as [CLS] tokens eos, until one reaches the end of the sequence;
+    that last piece is cut back to a sentence end too (so samples average ~500 of 512 tokens, as in the
+    official runs). Sentence ends use the full set of `SENTENCE_END_CHARS` (the official BlockDataset
+    lacks the Chinese marks and "…"; the objective's sentence mode has them).
 
     Args:
         corpus: the tokenized documents.
@@ -107,9 +110,14 @@ class SampleAssembler:
             total = pieces[0].shape[0]
             while total < seq:
                 piece = np.concatenate(([cls], self._draw_document(rng)))
+                last = piece.shape[0] >= seq - total
                 piece = self._right_strip(piece, seq - total)
                 pieces.append(piece)
                 total += piece.shape[0]
+                if last:
+                    # The official packing stops at the piece that reached the end, even when its
+                    # sentence-aligned strip leaves the sample short.
+                    break
         tokens = np.concatenate(pieces)
         return tokens, (tokens != cls).astype(np.int64)
 
