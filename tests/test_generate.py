@@ -419,6 +419,7 @@ def test_score_fill_ids_matches_full_forward_and_greedy_score() -> None:
         assert score == pytest.approx(float(expected), abs=1e-4)
     # One candidate alone scores as in the batch; normalisation divides by the scored tokens.
     assert score_fill_ids(model, ctx, m, candidates[1:2], SPECIAL) == pytest.approx(scores[1:2], abs=1e-5)
+    assert score_fill_ids(model, ctx, m, candidates, SPECIAL, batch_size=2) == pytest.approx(scores, abs=1e-5)
     norm = score_fill_ids(model, ctx, m, candidates, SPECIAL, normalize=True)
     assert norm == pytest.approx(
         [s / (len(c) + 1) for s, c in zip(scores, candidates, strict=True)], abs=1e-5

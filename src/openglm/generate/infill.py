@@ -556,6 +556,7 @@ def score_fill_ids(
     special: SpecialIds,
     include_eop: bool = True,
     normalize: bool = False,
+    batch_size: int = 64,
 ) -> list[float]:
     """Log-likelihood of each candidate fill of one blank, from one encoding of the context (spec D.2, I.7).
 
@@ -567,12 +568,15 @@ def score_fill_ids(
         special: sop/eop/eos/pad ids.
         include_eop: also score <|endofpiece|> after the candidate (official cloze scoring does).
         normalize: divide by the number of scored tokens.
+        batch_size: candidates scored per forward (all of them share the one context encoding).
 
     Returns:
         One log-likelihood per candidate (full-vocabulary log-softmax, as officially).
     """
     if not candidates:
         return []
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     if not 0 <= mask_position < len(context_ids):
         raise ValueError(f"mask position {mask_position} is outside the {len(context_ids)} context tokens")
     targets = [list(c) + ([special.eop] if include_eop else []) for c in candidates]
@@ -585,32 +589,39 @@ def score_fill_ids(
     _check_lengths(model, [context_ids], GenerationConfig(max_length=1, min_length=0))
     was_training = model.training
     model.eval()
+    scores: list[float] = []
     try:
         with torch.inference_mode():
-            state = DecodeState(model)
-            _prefill(state, [context_ids], special.pad)
-            state = state.expand(torch.zeros(len(targets), dtype=torch.long))
-            N, T = len(targets), max(len(t) for t in targets)
-            ids = torch.full((N, T), special.pad, dtype=torch.long)
-            goal = torch.full((N, T), special.pad, dtype=torch.long)
-            real = torch.zeros(N, T, dtype=torch.bool)
-            for i, tgt in enumerate(targets):
-                n = len(tgt)
-                ids[i, :n] = torch.tensor([special.sop] + tgt[:-1])  # input i predicts target i (no shift)
-                goal[i, :n] = torch.tensor(tgt)
-                real[i, :n] = True
-            pos = torch.stack([torch.full((N, T), mask_position), torch.arange(1, T + 1).expand(N, T)], dim=1)
-            logits = state.feed(ids, _positions(state, pos), real, logits_at=real)  # (sum of lengths, V)
-            picked = F.log_softmax(logits.float(), dim=-1).gather(-1, goal[real].to(logits.device)[:, None])[
-                :, 0
-            ]
+            context = DecodeState(model)
+            _prefill(context, [context_ids], special.pad)
+            for first in range(0, len(targets), batch_size):
+                chunk = targets[first : first + batch_size]
+                state = context.expand(torch.zeros(len(chunk), dtype=torch.long))
+                N, T = len(chunk), max(len(t) for t in chunk)
+                ids = torch.full((N, T), special.pad, dtype=torch.long)
+                goal = torch.full((N, T), special.pad, dtype=torch.long)
+                real = torch.zeros(N, T, dtype=torch.bool)
+                for i, tgt in enumerate(chunk):
+                    n = len(tgt)
+                    ids[i, :n] = torch.tensor(
+                        [special.sop] + tgt[:-1]
+                    )  # input i predicts target i (no shift)
+                    goal[i, :n] = torch.tensor(tgt)
+                    real[i, :n] = True
+                block = torch.arange(1, T + 1).expand(N, T)
+                pos = torch.stack([torch.full((N, T), mask_position), block], dim=1)  # (N, 2, T)
+                logits = state.feed(ids, _positions(state, pos), real, logits_at=real)  # (sum of lengths, V)
+                picked = F.log_softmax(logits.float(), dim=-1).gather(
+                    -1, goal[real].to(logits.device)[:, None]
+                )
+                per_token = picked[:, 0].tolist()
+                start = 0
+                for tgt in chunk:
+                    total = sum(per_token[start : start + len(tgt)])
+                    start += len(tgt)
+                    scores.append(total / len(tgt) if normalize else total)
     finally:
         model.train(was_training)
-    scores, start = [], 0
-    for tgt in targets:
-        total = float(picked[start : start + len(tgt)].sum())
-        start += len(tgt)
-        scores.append(total / len(tgt) if normalize else total)
     return scores
 
 
@@ -622,6 +633,7 @@ def score_fills(
     blank: int = 0,
     include_eop: bool = True,
     normalize: bool = False,
+    batch_size: int = 64,
 ) -> list[float]:
     """Log-likelihood of each candidate text as the fill of one blank of `text` (multiple choice, cloze).
 
@@ -633,6 +645,7 @@ def score_fills(
         blank: which mask (0 = the leftmost) the candidates fill.
         include_eop: also score <|endofpiece|> after the candidate.
         normalize: divide each score by its number of scored tokens.
+        batch_size: candidates scored per forward.
 
     Returns:
         One log-likelihood per candidate.
@@ -642,5 +655,12 @@ def score_fills(
         raise ValueError(f"blank={blank} but the text has {len(positions)} mask(s)")
     ids = [list(tokenizer.encode(c)) for c in candidates]
     return score_fill_ids(
-        model, context, positions[blank], ids, SpecialIds.from_tokenizer(tokenizer), include_eop, normalize
+        model,
+        context,
+        positions[blank],
+        ids,
+        SpecialIds.from_tokenizer(tokenizer),
+        include_eop,
+        normalize,
+        batch_size,
     )
