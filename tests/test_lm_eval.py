@@ -283,3 +283,30 @@ def test_bad_rows_raise_one_line_errors(tmp_path: Path) -> None:
         evaluate_lambada(ScriptedLM([]), tok, path)
     with pytest.raises(FileNotFoundError):
         evaluate_lambada(ScriptedLM([]), tok, tmp_path / "missing.jsonl")
+
+
+def test_run_lm_eval_dispatcher(tmp_path: Path) -> None:
+    """The `openglm eval` entry point: loads a checkpoint directory with its tokenizer, bf16 weights."""
+    from openglm.tasks.lm_eval import run_lm_eval
+
+    tok = bert_tokenizer()
+    uniform_model(tok).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    corpus = tmp_path / "docs.txt"
+    corpus.write_text("first document here .\n\nsecond one , a bit longer than the first .\n")
+    m = run_lm_eval(
+        "perplexity",
+        str(tmp_path / "model"),
+        str(corpus),
+        seq_length=16,
+        stride=4,
+        precision="bf16",
+        device="cpu",
+        progress=False,
+    )
+    assert m["task"] == "perplexity" and m["num_words"] == 4 + 10
+    # Two documents: N_tok - 2 tokens are scored but the official normaliser is N_tok - 1.
+    expected = math.log(tok.vocab_size) * (m["num_tokens"] - 2) / (m["num_tokens"] - 1)
+    assert m["loss"] == pytest.approx(expected, rel=1e-4)
+    with pytest.raises(ValueError, match="unknown zero-shot task"):
+        run_lm_eval("hellaswag", str(tmp_path / "model"), str(corpus))

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
@@ -377,7 +378,8 @@ def token_log_probs(
     out = model(batch["input_ids"], batch["position_ids"], attention_mask=batch["sep"], logits_mask=select)
     logits = out.logits.float()  # (N, V)
     targets = batch["targets"][select]
-    logp = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
+    # cross_entropy is log_softmax + gather without a second [N, V] buffer (N can be 8 x 1022 windows).
+    logp = -F.cross_entropy(logits, targets, reduction="none")
     return logp, logits.argmax(dim=-1) == targets
 
 
@@ -647,16 +649,25 @@ def evaluate_multichoice(
 LM_TASKS = ("lambada", "wikitext", "perplexity", "multichoice")
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def load_model_and_tokenizer(
-    model_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None, device: str = "auto"
+    model_dir: str | os.PathLike,
+    tokenizer_dir: str | os.PathLike | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
 ) -> tuple[torch.nn.Module, Any]:
-    """A `GLMModel` and `GLMTokenizer` from a checkpoint directory (the tokenizer from `tokenizer_dir` if given)."""
+    """A `GLMModel` (in eval mode, weights cast to `precision`: fp32, bf16 or fp16) and its `GLMTokenizer`
+    from a checkpoint directory (the tokenizer from `tokenizer_dir` if given)."""
     from openglm.model import GLMModel
     from openglm.tokenizer import GLMTokenizer
 
+    if precision not in DTYPES:
+        raise ValueError(f"precision={precision!r}; expected one of {sorted(DTYPES)}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = GLMModel.from_pretrained(model_dir, device=device)
+    model = GLMModel.from_pretrained(model_dir, device=device, dtype=DTYPES[precision])
     tokenizer = GLMTokenizer.from_pretrained(tokenizer_dir or model_dir)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(
@@ -676,6 +687,7 @@ def run_lm_eval(
     batch_size: int = 8,
     limit: int | None = None,
     device: str = "auto",
+    precision: str = "fp32",
     progress: bool = True,
 ) -> dict[str, float]:
     """Zero-shot evaluation of a checkpoint (spec D.9).
@@ -693,6 +705,7 @@ def run_lm_eval(
         batch_size: rows per forward pass.
         limit: evaluate only the first rows (lambada, multichoice).
         device: `auto`, `cpu`, `cuda`, ...
+        precision: weights in `fp32`, `bf16` or `fp16` (log-probabilities are always taken in fp32).
         progress: show progress bars.
 
     Returns:
@@ -700,7 +713,7 @@ def run_lm_eval(
     """
     if task not in LM_TASKS:
         raise ValueError(f"unknown zero-shot task {task!r}; expected one of {LM_TASKS}")
-    model, tokenizer = load_model_and_tokenizer(model_dir, tokenizer_dir, device)
+    model, tokenizer = load_model_and_tokenizer(model_dir, tokenizer_dir, device, precision)
     if seq_length is None:
         seq_length = 1024 if task == "wikitext" else 512
         seq_length = min(seq_length, model.config.max_sequence_length)
