@@ -683,7 +683,7 @@ def run_lm_eval(
     tokenizer_dir: str | None = None,
     unidirectional: bool = False,
     seq_length: int | None = None,
-    stride: int = 256,
+    stride: int | None = None,
     batch_size: int = 8,
     limit: int | None = None,
     device: str = "auto",
@@ -701,7 +701,8 @@ def run_lm_eval(
         unidirectional: the unidirectional layouts.
         seq_length: row length; default 512 (lambada, multichoice, perplexity) or 1024 (wikitext), capped by
             the model's `max_sequence_length`.
-        stride: perplexity window stride.
+        stride: perplexity window stride; default min(256, seq_length // 2) (the official 256 for 512- and
+            1024-token windows, and still half a window of context for models with fewer positions).
         batch_size: rows per forward pass.
         limit: evaluate only the first rows (lambada, multichoice).
         device: `auto`, `cpu`, `cuda`, ...
@@ -739,7 +740,7 @@ def run_lm_eval(
             data,
             task == "wikitext",
             seq_length,
-            min(stride, seq_length - 2),
+            stride if stride is not None else min(256, seq_length // 2),
             unidirectional,
             batch_size,
             progress,
