@@ -198,6 +198,90 @@ def test_shuffle_off_sorts_spans() -> None:
     assert obj._shuffle(np.random.default_rng(0), spans) == sorted(spans)
 
 
+def reproduce_official_row(
+    ref: dict[str, np.ndarray],
+    samples: list[np.ndarray],
+    masks: list[np.ndarray],
+    special: SpecialTokens,
+    mode: str,
+) -> tuple[Row, int, int]:
+    """Rebuild an official row with our layout functions from the choices it made (its spans, or G for a
+    suffix row, and its dBLOCK flags). Returns (our row, the input sample's index, G or masked length)."""
+    sep = ref["sep"]
+    suffix = mode == "document" and ref["targets"][-1] != special.eop
+    if suffix:
+        text = np.delete(ref["targets"], sep - 1)
+    else:
+        spans, flags = part_b_spans(ref)
+        text = rebuild(Row(ref["tokens"], ref["targets"], ref["loss_mask"], ref["position_ids"], sep))
+    i = next(k for k, s in enumerate(samples) if s.tolist() == text.tolist())
+    if suffix:
+        g = len(samples[i]) - (sep - 1)
+        return layout_prefix_lm(samples[i], masks[i], g, int(ref["tokens"][sep - 1]), special), i, g
+    dblock = flags == special.dblock if special.dblock is not None else None
+    if dblock is not None and not dblock.any():
+        dblock = None
+    # The mask id is the Part A token at the first Part-B span's collapsed position.
+    mask_id = int(ref["tokens"][int(ref["position_ids"][0, sep])]) if spans else special.mask
+    row = layout_blocks(samples[i], spans, mask_id, special, dblock=dblock)
+    return row, i, sum(e - s for s, e in spans)
+
+
+def check_official_batch(
+    out: dict,
+    samples: list[np.ndarray],
+    masks: list[np.ndarray],
+    special: SpecialTokens,
+    mode: str,
+    config: ObjectiveConfig,
+) -> None:
+    """Every row of an official batch is reproduced exactly; document mode shares one G_max."""
+    g_values = []
+    for r in range(len(out["attention_mask"])):
+        ref = official_row(out, r)
+        row, i, g = reproduce_official_row(ref, samples, masks, special, mode)
+        assert_row_equal(row, ref)
+        if mode == "document":
+            g_values.append((g, len(samples[i])))
+        if mode == "token" and config.single_span_prob == 0:
+            assert g >= int(config.bert_ratio * len(samples[i]))
+    if mode == "document":
+        lengths = [len(s) for s in samples]
+        g_max = max(g for g, _ in g_values)
+        assert int(config.gpt_min_ratio * min(lengths)) <= g_max <= max(lengths) - 2
+        assert all(g == min(g_max, n - 2) for g, n in g_values)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["token_bert", "token_gpt2", "sentence_gpt2", "sentence_bert", "gpt_bert", "gpt_gpt2", "mix10b_gpt2"],
+)
+def test_official_pipeline_batches_reproduced(name: str) -> None:
+    """The first four official batches of each pipeline configuration, row by row, from their choices."""
+    cfg = stats_fixture()["configs"][name]
+    data = np.load(require(FIXTURES / f"pipeline_first4batches_{name}.npz"))
+    records = json.loads(require(FIXTURES / f"pipeline_batches_{name}.json").read_text())
+    samples, masks, special = natural_samples(cfg["tokenizer"], 64)
+    config = objective_from_official(cfg["strategy_kwargs"])
+    for b in range(4):
+        assert not records[b]["split"]
+        out = {
+            "text": data[f"batch{b}_text"],
+            "target": data[f"batch{b}_target"],
+            "loss_mask": data[f"batch{b}_loss_mask"],
+            "position_id": data[f"batch{b}_position_id"],
+            "attention_mask": data[f"batch{b}_attention_mask"].tolist(),
+        }
+        check_official_batch(
+            out,
+            samples[16 * b : 16 * b + 16],
+            masks[16 * b : 16 * b + 16],
+            special,
+            MODE_NAMES[records[b]["mode"]],
+            config,
+        )
+
+
 @pytest.mark.parametrize("name", case_names("construct_blocks"))
 def test_construct_blocks_determined_parts(name: str) -> None:
     """Every official row is reproduced exactly from the spans (or G) it chose, and our own random
@@ -216,36 +300,7 @@ def test_construct_blocks_determined_parts(name: str) -> None:
     split = strategy["kwargs"]["short_seq_prob"] > 0 and n_rows > len(samples)
 
     if not split:
-        g_values = []
-        for r in range(n_rows):
-            ref = official_row(out, r)
-            sep = ref["sep"]
-            suffix = mode == "document" and ref["targets"][-1] != special.eop
-            if suffix:
-                text = np.delete(ref["targets"], sep - 1)
-            else:
-                spans, flags = part_b_spans(ref)
-                text = rebuild(Row(ref["tokens"], ref["targets"], ref["loss_mask"], ref["position_ids"], sep))
-            i = next(k for k, s in enumerate(samples) if s.tolist() == text.tolist())
-            if suffix:
-                g = len(samples[i]) - (sep - 1)
-                row = layout_prefix_lm(samples[i], masks[i], g, int(ref["tokens"][sep - 1]), special)
-            else:
-                dblock = flags == special.dblock if special.dblock is not None else None
-                if dblock is not None and not dblock.any():
-                    dblock = None
-                # The mask id is the Part A token at the first Part-B span's collapsed position.
-                mask_id = int(ref["tokens"][int(ref["position_ids"][0, sep])]) if spans else special.mask
-                row = layout_blocks(samples[i], spans, mask_id, special, dblock=dblock)
-                g = spans[0][1] - spans[0][0] if spans else 0
-            if mode == "document":
-                g_values.append((g, len(samples[i])))
-            assert_row_equal(row, ref)
-        if mode == "document":
-            lengths = [len(s) for s in samples]
-            g_max = max(g for g, _ in g_values)
-            assert int(config.gpt_min_ratio * min(lengths)) <= g_max <= max(lengths) - 2
-            assert all(g == min(g_max, n - 2) for g, n in g_values)
+        check_official_batch(out, samples, masks, special, mode, config)
 
     # Our pipeline on the same inputs, forced into the fixture's mode.
     forced = config.only(mode) if mode != "token" or config.single_span_prob == 0 else config
@@ -523,7 +578,10 @@ def compare_with_fixture(name: str, count: int) -> None:
     ours = run_pipeline(name, count)
     for ref_mode, ref in ref_cfg["by_mode"].items():
         mode = MODE_NAMES[ref_mode]
-        if ref["n_rows_in"] % ref_cfg["batch_size"] or ref["n_rows_in"] > ref_cfg["batch_modes"][ref_mode] * ref_cfg["batch_size"]:
+        if (
+            ref["n_rows_in"] % ref_cfg["batch_size"]
+            or ref["n_rows_in"] > ref_cfg["batch_modes"][ref_mode] * ref_cfg["batch_size"]
+        ):
             continue  # the fixture's statistics for this mode include a short-seq split batch
         if mode not in ours:
             assert ref["n_rows_in"] < 0.2 * ref_cfg["n_input_samples"] or count < 200
