@@ -354,6 +354,9 @@ def test_processors() -> None:
     beams = fill_blank_ids(model, TEXTS, MASKS, SPECIAL, max_length=12, num_beams=4, min_length=2)
     for row in beams:
         assert all(len(b.token_ids) >= 2 for b in row)
+    for options in ({}, {"num_beams": 3}, {"do_sample": True, "seed": 0}):
+        limited = fill_blank_ids(model, TEXTS, MASKS, SPECIAL, max_length=8, vocab_limit=100, **options)
+        assert all(t < 100 for row in limited for b in row for t in b.token_ids)
 
 
 def test_beam_search_beats_greedy_on_its_own_score() -> None:

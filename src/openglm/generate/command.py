@@ -148,6 +148,8 @@ def infill(
         if not isinstance(torch_dtype, torch.dtype):
             raise ValueError(f"dtype {dtype!r} is not a torch dtype")
     tok = load_tokenizer(model_dir, tokenizer)
+    # The padding rows of the vocabulary have no text: never produce them on the command line.
+    config = config.replace(vocab_limit=tok.num_tokens)
     model = GLMModel.from_pretrained(model_dir, dtype=torch_dtype, device=device)
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(

@@ -34,6 +34,8 @@ class GenerationConfig:
             last `mem_length` positions. None = unlimited (recommended; the cap only exists for parity).
         seed: seed of the torch.Generator used for sampling (None = nondeterministic).
         stop_ids: tokens that end a blank; None means <|endofpiece|> and eos, as in interactive mode.
+        vocab_limit: ids >= this are never produced (e.g. the tokenizer's `num_tokens`, to keep the padding
+            rows of the vocabulary out of the text); None allows every row, as the official code does.
     """
 
     max_length: int = 64
@@ -49,6 +51,7 @@ class GenerationConfig:
     mem_length: int | None = None
     seed: int | None = None
     stop_ids: tuple[int, ...] | None = None
+    vocab_limit: int | None = None
 
     def __post_init__(self) -> None:
         checks = {
@@ -61,6 +64,7 @@ class GenerationConfig:
             "no_repeat_ngram_size": self.no_repeat_ngram_size >= 0,
             "repetition_penalty": self.repetition_penalty > 0,
             "mem_length": self.mem_length is None or self.mem_length >= 1,
+            "vocab_limit": self.vocab_limit is None or self.vocab_limit >= 1,
         }
         for name, ok in checks.items():
             if not ok:
@@ -93,6 +97,12 @@ def ban_until_min_length(
         scores[
             torch.tensor(rows, device=device)[:, None], torch.tensor(list(stop_ids), device=device)[None, :]
         ] = -float("inf")
+
+
+def ban_beyond_vocab(scores: Tensor, limit: int | None) -> None:
+    """Ids at or above `limit` (padding rows of the vocabulary) get -inf."""
+    if limit is not None and limit < scores.size(-1):
+        scores[:, limit:] = -float("inf")
 
 
 def ban_repeated_ngrams(scores: Tensor, histories: Sequence[Sequence[int]], n: int) -> None:

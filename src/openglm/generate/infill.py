@@ -20,6 +20,7 @@ from torch import Tensor
 from openglm.generate.decoding import (
     BeamHypotheses,
     GenerationConfig,
+    ban_beyond_vocab,
     ban_repeated_ngrams,
     ban_until_min_length,
     beam_step,
@@ -232,6 +233,7 @@ def _decode_stepwise(
         penalize_repetition(logits, [r.history for _, r in active], config.repetition_penalty)
         ban_until_min_length(logits, [len(r.tokens) for _, r in active], config.min_length, stop_ids)
         ban_repeated_ngrams(logits, [r.tokens for _, r in active], config.no_repeat_ngram_size)
+        ban_beyond_vocab(logits, config.vocab_limit)
         if config.do_sample:
             chosen = sample_tokens(logits, config, generator)
         else:
@@ -287,6 +289,7 @@ def _beam_round(
             )
         ban_until_min_length(scores, [t] * (n * K), config.min_length, stop_ids)
         ban_repeated_ngrams(scores, histories, config.no_repeat_ngram_size)
+        ban_beyond_vocab(scores, config.vocab_limit)
         beam_scores, next_tokens, src = beam_step(scores, beam_scores, hyps, done, histories, stop_ids, K)
         beams.reorder(src, start)
         src_list, tok_list = src.tolist(), next_tokens.tolist()
