@@ -465,6 +465,22 @@ def test_masked_lm_ablation() -> None:
     assert row.tokens.tolist() == [1, 5, 99, 99, 0] and row.loss_mask.tolist() == [0, 0, 1, 1, 0]
 
 
+def test_random_position() -> None:
+    samples, masks, special = natural_samples("bert", 32)
+    samples = [s[:200] for s in samples]  # short rows leave room for an offset below 512
+    masks = [m[:200] for m in masks]
+    plain = BlankInfilling(ObjectiveConfig(), special)(samples, np.random.default_rng(0), masks)
+    shifted = BlankInfilling(ObjectiveConfig(random_position=True), special)(
+        samples, np.random.default_rng(0), masks
+    )
+    offsets = set()
+    for row in shifted.rows:
+        pos = row.position_ids[0]
+        assert pos.max() < 512 and np.all(pos[: row.sep] == pos[0] + np.arange(row.sep))
+        offsets.add(int(pos[0]))
+    assert len(offsets) > 10 and plain.rows[0].position_ids[0, 0] == 0
+
+
 def test_dblock_only_in_token_mode() -> None:
     samples, masks, special = natural_samples("gpt2", 16)
     cfg = ObjectiveConfig(block_mask_prob=0.5, task_mask=True)

@@ -47,6 +47,10 @@ class ObjectiveConfig:
     block_position_encoding: bool = True  # ablation off: every Part B block id is 1
     masked_lm: bool = False  # ablation: BERT-style, each span token replaced in place, no Part B
     per_sample_mode: bool = False  # draw the objective per sample instead of per batch
+    # Official --random-position (C.9): shift all positions of a block-layout row by a random offset so
+    # that every row of the position table gets trained; positions stay below `max_position`.
+    random_position: bool = False
+    max_position: int = 512
     short_seq_min_length: int = 32  # smallest piece length of the short-sequence split
 
     def __post_init__(self) -> None:
@@ -632,7 +636,7 @@ class BlankInfilling:
         if token_mode and self.config.block_mask_prob > 0:
             total = sum(e - s for s, e in ordered)
             dblock = rng.random(total) < self.config.block_mask_prob
-        return layout_blocks(
+        row = layout_blocks(
             tokens,
             ordered,
             mask_id,
@@ -640,6 +644,11 @@ class BlankInfilling:
             block_position_encoding=self.config.block_position_encoding,
             dblock=dblock,
         )
+        if self.config.random_position:
+            last = int(row.position_ids[0].max(initial=0))
+            if last < self.config.max_position - 1:
+                row.position_ids[0] += int(rng.integers(0, self.config.max_position - last))
+        return row
 
     def _token_row(
         self, rng: np.random.Generator, tokens: np.ndarray, mask: np.ndarray, single_span: bool
