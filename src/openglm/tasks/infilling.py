@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 from torch import Tensor, nn
 
+from openglm.parallel import unwrap
 from openglm.tasks.lm_eval import Sample, collate
-from openglm.tasks.seq2seq import _unwrap, _write_atomic, smoothed_loss_fn
+from openglm.tasks.seq2seq import smoothed_loss_fn, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -296,7 +297,7 @@ def evaluate_infilling(
             json.dumps({"masked": m, "reference": r, "prediction": p}, ensure_ascii=False)
             for (m, _), r, p in zip(masked, references, predictions, strict=True)
         ]
-        _write_atomic(Path(output), "\n".join(rows) + "\n")
+        write_text_atomic(Path(output), "\n".join(rows) + "\n")
     return metrics
 
 
@@ -394,7 +395,7 @@ def finetune_infilling(
 
     def eval_fn(net: nn.Module) -> dict[str, float]:
         metrics = evaluate_infilling(
-            _unwrap(net),
+            unwrap(net),
             tokenizer,
             dev_data or "",
             mask_ratio,
@@ -405,7 +406,7 @@ def finetune_infilling(
         )
         if metrics["bleu"] > best["score"]:
             best.update(score=metrics["bleu"], metrics=dict(metrics))
-            _unwrap(net).save_pretrained(best_dir)
+            unwrap(net).save_pretrained(best_dir)
             tokenizer.save_pretrained(best_dir)
         return metrics
 
@@ -427,7 +428,7 @@ def finetune_infilling(
         "dev": best["metrics"],
         "best": str(best_dir),
     }
-    _write_atomic(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 

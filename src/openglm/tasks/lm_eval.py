@@ -183,9 +183,12 @@ def two_part_row(
 # Perplexity windows
 
 
-_WIKITEXT_REPLACEMENTS = (
-    # contractions and number separators of the tokenised WikiText format
+# The Megatron WikiText detokenizer as an ordered list of steps: (old, new) is a plain replacement, a compiled
+# pattern a regex substitution. The order matters (e.g. " @-@ " must go before the bracket rules).
+_WIKITEXT_STEPS: tuple[tuple[str | re.Pattern[str], str], ...] = (
+    # contractions and number separators of the tokenised format
     ("s '", "s'"),
+    (re.compile(r"/' [0-9]/"), r"/'[0-9]/"),
     (" @-@ ", "-"),
     (" @,@ ", ","),
     (" @.@ ", "."),
@@ -196,15 +199,13 @@ _WIKITEXT_REPLACEMENTS = (
     (" ! ", "! "),
     (" ? ", "? "),
     (" , ", ", "),
-)
-_WIKITEXT_BRACKETS = (
+    # brackets and quotes hug their content
     (re.compile(r"\(\s*([^\)]*?)\s*\)"), r"(\1)"),
     (re.compile(r"\[\s*([^\]]*?)\s*\]"), r"[\1]"),
     (re.compile(r"{\s*([^}]*?)\s*}"), r"{\1}"),
     (re.compile(r"\"\s*([^\"]*?)\s*\""), r'"\1"'),
     (re.compile(r"'\s*([^']*?)\s*'"), r"'\1'"),
-)
-_WIKITEXT_MISC = (
+    # headings, degrees, line edges, the N placeholder, possessives
     ("= = = =", "===="),
     ("= = =", "==="),
     ("= =", "=="),
@@ -217,19 +218,9 @@ _WIKITEXT_MISC = (
 
 
 def wikitext_detokenize(text: str) -> str:
-    """Undo the WikiText tokenisation the way the Megatron detokenizer used by GLM does (spec D.9).
-
-    The order of the rules matters (e.g. " @-@ " before the bracket rules), so they are applied in sequence.
-    """
-    for old, new in _WIKITEXT_REPLACEMENTS[:1]:
-        text = text.replace(old, new)
-    text = re.sub(r"/' [0-9]/", r"/'[0-9]/", text)
-    for old, new in _WIKITEXT_REPLACEMENTS[1:]:
-        text = text.replace(old, new)
-    for pattern, repl in _WIKITEXT_BRACKETS:
-        text = pattern.sub(repl, text)
-    for old, new in _WIKITEXT_MISC:
-        text = text.replace(old, new)
+    """Undo the WikiText tokenisation the way the Megatron detokenizer used by GLM does (spec D.9)."""
+    for old, new in _WIKITEXT_STEPS:
+        text = old.sub(new, text) if isinstance(old, re.Pattern) else text.replace(old, new)
     return text
 
 

@@ -439,11 +439,12 @@ def evaluate_seq2seq(
             json.dumps({"source": s, "reference": r, "prediction": p}, ensure_ascii=False)
             for (s, _), r, p in zip(pairs, references, predictions, strict=True)
         ]
-        _write_atomic(Path(output), "\n".join(rows) + "\n")
+        write_text_atomic(Path(output), "\n".join(rows) + "\n")
     return metrics
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary file next to `path`, then rename it over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -594,7 +595,7 @@ def finetune_seq2seq(
         "dev": best["metrics"],
         "best": str(best_dir),
     }
-    _write_atomic(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
