@@ -122,6 +122,9 @@ def lambada_sample(
     mask_id = default_mask_id(tokenizer) if mask_id is None else mask_id
     context = list(context_ids)
     overflow = len(context) + len(answer_ids) + 3 - seq_length
+    # The official code cuts Part A's tokens from the left, which in the unidirectional layout would eat
+    # ctx[0] and the mask; cutting the context instead keeps both layouts well formed. (No LAMBADA passage
+    # reaches 512 tokens with the BERT or GPT-2 vocabulary, so results are unaffected.)
     if overflow > 0:
         context = context[overflow:]
     if not context:
