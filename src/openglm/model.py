@@ -148,7 +148,7 @@ class SelfAttention(nn.Module):
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, x: Tensor, mask: Tensor, cache: KVCache | None, layer: int) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None, cache: KVCache | None, layer: int) -> Tensor:
         B, T, C = x.shape
         qkv = self.query_key_value(x).view(B, T, 3, self.num_heads, self.head_size)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
@@ -185,7 +185,7 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.output_dropout_prob)
 
-    def forward(self, x: Tensor, mask: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None, cache: KVCache | None = None, layer: int = 0) -> Tensor:
         if self.pre_ln:
             x = x + self.dropout(self.attention(self.input_layernorm(x), mask, cache, layer))
             return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
@@ -311,7 +311,18 @@ class GLMModel(nn.Module):
         cached = cache.length if cache is not None else 0
         if cache is not None and cached and cache.batch_size != B:
             raise ValueError(f"cache holds batch {cache.batch_size} but input_ids has batch {B}")
-        mask = build_attention_mask(attention_mask, B, T, cached, input_ids.device)
+        # One new token, or sep covering every new token, sees every key: no mask lets SDPA take its
+        # fastest path (the common case of a decoding step).
+        trivial = T == 1 and (
+            attention_mask is None
+            or isinstance(attention_mask, int)
+            or (
+                isinstance(attention_mask, Tensor)
+                and attention_mask.dim() <= 1
+                and attention_mask.numel() in (1, B)
+            )
+        )
+        mask = None if trivial else build_attention_mask(attention_mask, B, T, cached, input_ids.device)
         x = self.embed(input_ids, position_ids)
         for i, layer in enumerate(self.transformer.layers):
             x = layer(x, mask, cache, i)
