@@ -310,3 +310,27 @@ def test_run_lm_eval_dispatcher(tmp_path: Path) -> None:
     assert m["loss"] == pytest.approx(expected, rel=1e-4)
     with pytest.raises(ValueError, match="unknown zero-shot task"):
         run_lm_eval("hellaswag", str(tmp_path / "model"), str(corpus))
+
+
+def test_multichoice_layouts() -> None:
+    from openglm.tasks.lm_eval import multichoice_samples
+
+    def encode(text: str) -> list[int]:
+        out = []
+        for i, part in enumerate(text.split("[MASK]")):
+            out += ([2] if i else []) + [ord(c) for c in part.replace(" ", "")]
+        return out
+
+    tok = SimpleNamespace(**vars(fake_tokenizer()), encode=encode)
+    tok.gmask_id = None
+    bi = multichoice_samples("ab", ["x", "yz"], tok)
+    # "[MASK]" appended: [CLS] a b [MASK] eos | sop (x) ; the choice sits at the mask, no eop is scored.
+    assert bi[0]["input_ids"].tolist() == [1, 97, 98, 2, 0, 3]
+    assert bi[1]["targets"].tolist() == [0] * 5 + [121, 122]
+    assert bi[1]["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 3], [0, 0, 0, 0, 0, 1, 2]]
+    inner = multichoice_samples("a [MASK] b", ["x"], tok)[0]
+    assert inner["position_ids"][0, -1] == 2  # the existing mask is used
+    uni = multichoice_samples("ab", ["x"], tok, unidirectional=True)[0]
+    # [CLS] [MASK] eos | sop a b -> targets a b x; only x is scored.
+    assert uni["input_ids"].tolist() == [1, 2, 0, 3, 97, 98]
+    assert uni["targets"][uni["loss_mask"] > 0].tolist() == [120]
