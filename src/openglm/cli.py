@@ -13,6 +13,7 @@ from openglm.data.shards import prepare_corpus
 from openglm.generate.command import infill
 from openglm.tasks.run import evaluate, finetune
 from openglm.tokenizer import train_tokenizer
+from openglm.train.demo import demo
 from openglm.train.plan import plan
 from openglm.train.plot import plot
 from openglm.train.pretrain import pretrain
@@ -24,6 +25,7 @@ def _commands() -> dict[str, Any]:
         "pretrain": pretrain,
         "plan": plan,
         "plot": plot,
+        "demo": demo,
         "finetune": finetune,
         "eval": evaluate,
         "infill": infill,

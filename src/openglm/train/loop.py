@@ -366,6 +366,7 @@ def fit(
         if env.is_main:
             log.info("step %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in values.items()))
 
+    started = time.perf_counter()
     try:
         with _Interrupt() as interrupt:
             while step < settings.max_steps:
@@ -424,15 +425,20 @@ def fit(
                     )
                 if settings.eval_every and step % settings.eval_every == 0 and step < settings.max_steps:
                     run_eval()
-                stop = _any_rank(interrupt.requested, env)
-                if (
-                    stop
-                    or step == settings.max_steps
-                    or (settings.save_every and step % settings.save_every == 0)
-                ):
+                out_of_time = (
+                    bool(settings.max_minutes) and time.perf_counter() - started > 60 * settings.max_minutes
+                )
+                stop, out_of_time = _any_rank((interrupt.requested, out_of_time), env)
+                last = step == settings.max_steps or out_of_time
+                if stop or last or (settings.save_every and step % settings.save_every == 0):
                     save()
                 if stop:
                     raise KeyboardInterrupt
+                if out_of_time and step < settings.max_steps:
+                    log.warning(
+                        "train.max_minutes=%g reached at step %d; stopping", settings.max_minutes, step
+                    )
+                    break
             if eval_fn is not None:
                 run_eval()
     finally:
@@ -452,7 +458,9 @@ def _gather_objects(obj: Any) -> list[Any]:
     return box
 
 
-def _any_rank(flag: bool, env: parallel.DistEnv) -> bool:
+def _any_rank(flags: tuple[bool, ...], env: parallel.DistEnv) -> tuple[bool, ...]:
+    """Each flag is true on every rank when it is true on any (all ranks must stop at the same step)."""
     if not env.distributed:
-        return flag
-    return bool(parallel.all_reduce_sum(torch.tensor([float(flag)], device=env.device)) > 0)
+        return flags
+    summed = parallel.all_reduce_sum(torch.tensor([float(f) for f in flags], device=env.device))
+    return tuple(bool(x > 0) for x in summed.tolist())

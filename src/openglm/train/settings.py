@@ -87,6 +87,8 @@ class TrainSettings:
         progress: show a tqdm progress bar (rank 0 only).
         tensorboard: also write TensorBoard events when the `tensorboard` package is installed.
         timeout_s: collective-operation timeout: a rank that dies makes the others fail after this long.
+        max_minutes: wall-clock budget: stop after the step that exceeds it, with a checkpoint (so that
+            `--resume` continues); 0 means no budget. Useful under job time limits and for the CPU demo.
     """
 
     max_steps: int = 1000
@@ -105,6 +107,7 @@ class TrainSettings:
     progress: bool = True
     tensorboard: bool = True
     timeout_s: float = 300.0
+    max_minutes: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "keep_last"):
@@ -121,5 +124,7 @@ class TrainSettings:
             raise ValueError(f"train.strategy={self.strategy!r}; expected one of {STRATEGIES}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"train.device={self.device!r}; expected auto, cpu, cuda or cuda:N")
+        if self.max_minutes < 0:
+            raise ValueError(f"train.max_minutes={self.max_minutes!r} must be >= 0 (0 means no budget)")
         if not self.timeout_s > 0:
             raise ValueError(f"train.timeout_s={self.timeout_s!r} must be positive")

@@ -1,0 +1,153 @@
+"""Distributed training on CPU with gloo: 2 ranks (DDP and FSDP2) match 1 process on the same global batch,
+checkpoints gather FSDP2 shards, and a rank that dies makes the other fail instead of hanging."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from openglm.parallel import DistEnv, resolve_strategy, wrap_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_WORKER = textwrap.dedent(
+    """
+    import json, os, sys
+    import torch
+    from openglm import GLMConfig, GLMModel, parallel
+    from openglm.train.loop import evaluate_loss, fit
+    from openglm.train.settings import OptimSettings, TrainSettings
+    from openglm.train.synthetic import SyntheticBatches
+
+    CFG = GLMConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=128, max_sequence_length=32,
+                    embedding_dropout_prob=0.0, attention_dropout_prob=0.0, output_dropout_prob=0.0)
+    STEPS = 3
+
+    def model():
+        torch.manual_seed(0)
+        return GLMModel(CFG)
+
+    def run(world_size, rank, strategy, env=None, run_dir=None, loss_fn=None):
+        data = SyntheticBatches(CFG.vocab_size, 24, 4 // world_size, seed=7, rank=rank, world_size=world_size)
+        held = SyntheticBatches(CFG.vocab_size, 24, 4 // world_size, seed=8, rank=rank, world_size=world_size)
+        valid = [held.batch(i) for i in range(2)]
+        settings = TrainSettings(max_steps=STEPS, strategy=strategy, progress=False, tensorboard=False, device="cpu",
+                                 timeout_s=30)
+        kwargs = {} if loss_fn is None else {"loss_fn": loss_fn}
+        result = fit(model(), data, settings, OptimSettings(lr=1e-2, warmup=0.0), run_dir=run_dir, env=env,
+                     eval_fn=lambda m: evaluate_loss(m, valid), **kwargs)
+        return {"losses": [x for _, x in result.losses], "eval": result.eval}
+
+    if __name__ == "__main__":
+        torch.set_num_threads(1)
+        out = sys.argv[1]
+        env = parallel.init_distributed("cpu", timeout_s=30)
+        results = {"ddp": run(2, env.rank, "ddp", env),
+                   "fsdp": run(2, env.rank, "fsdp", env, run_dir=os.path.join(out, "fsdp-run"))}
+        if env.rank == 0:
+            with open(os.path.join(out, "results.json"), "w") as f:
+                json.dump(results, f)
+        from openglm.train.loop import glm_loss
+
+        def dying_loss(m, batch, calls=[0]):
+            calls[0] += 1
+            if env.rank == 1 and calls[0] == 2:
+                os._exit(3)  # a crash: no teardown, no message to the other rank
+            return glm_loss(m, batch)
+
+        run(2, env.rank, "ddp", env, loss_fn=dying_loss)
+        parallel.teardown()
+        sys.exit(0)  # rank 0 must not get here: its peer died in the middle of step 2
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_two_gloo_ranks_match_one_process_and_a_dead_rank_fails_the_other(tmp_path):
+    port = _free_port()
+    procs = []
+    for rank in (0, 1):
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+            PYTHONPATH=str(ROOT / "src"),
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", _WORKER, str(tmp_path)],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+        )
+    namespace: dict = {"__name__": "reference"}
+    exec(_WORKER, namespace)
+    single = namespace["run"](1, 0, "none")  # the same global batch in this process, meanwhile
+    try:
+        codes = [p.wait(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    errors = [p.stderr.read().decode(errors="replace") for p in procs]
+    assert codes[1] == 3, errors[1]
+    assert codes[0] != 0, "rank 0 carried on although rank 1 died"
+    results = json.loads((tmp_path / "results.json").read_text())
+    for strategy in ("ddp", "fsdp"):
+        assert results[strategy]["losses"] == pytest.approx(single["losses"], abs=1e-5), strategy
+        for key, value in single["eval"].items():
+            assert results[strategy]["eval"][key] == pytest.approx(value, abs=1e-5), (strategy, key)
+    # The FSDP2 checkpoint holds the full (gathered) weights: they load into a plain model.
+    from openglm import GLMModel
+    from openglm.train.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(tmp_path / "fsdp-run")
+    assert ckpt is not None and ckpt.name == "step-00000003"
+    loaded = GLMModel.from_pretrained(ckpt)
+    assert sum(p.numel() for p in loaded.parameters()) == loaded.config.num_parameters()
+
+
+def test_single_process_strategies():
+    env = DistEnv()
+    assert resolve_strategy("auto", env) == "none"
+    assert resolve_strategy("auto", DistEnv(world_size=2)) == "ddp"
+    with pytest.raises(ValueError, match="strategy"):
+        resolve_strategy("zero3", env)
+    from openglm import GLMConfig, GLMModel
+
+    model = GLMModel(
+        GLMConfig(num_layers=1, hidden_size=16, num_attention_heads=2, vocab_size=128, max_sequence_length=16)
+    )
+    keys = set(model.state_dict())
+    wrapped = wrap_model(model, env, "fsdp", activation_checkpointing=True)
+    assert wrapped is model and set(model.state_dict()) == keys  # checkpointing keeps the parameter names
+    ids = torch.randint(0, 128, (2, 8))
+    pos = torch.stack([torch.arange(8).expand(2, 8), torch.zeros(2, 8, dtype=torch.long)], 1)
+    model(ids, pos, attention_mask=torch.tensor([4, 4])).logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
