@@ -230,3 +230,23 @@ def test_explicit_mask_token() -> None:
     no_task_mask = GLMTokenizer.from_files("gpt2", vocab, task_mask=False)
     with pytest.raises(ValueError, match="not in this tokenizer"):
         resolve_mask(no_task_mask, "[gMASK]")
+
+
+def test_mask_pad_hides_the_source_padding() -> None:
+    """With mask_pad the loss ignores what sits in Part A's padding; without it the pads are attended."""
+    torch.manual_seed(0)
+    tok = small_tokenizer()
+    model = GLMModel(GLMConfig.from_name("tiny")).eval()
+    loss_fn = smoothed_loss_fn(0.0)
+
+    def loss(mask_pad: bool, pad_fill: int) -> float:
+        s = seq2seq_sample("abc", "xy", tok, "customization", 12, 4, mask_pad=mask_pad)
+        s["input_ids"][s["source_length"] : 12] = pad_fill
+        batch = collate_seq2seq([s], tok.pad_id)
+        assert ("attention_mask" in batch) == mask_pad
+        with torch.no_grad():
+            total, count = loss_fn(model, batch)
+        return float(total / count)
+
+    assert loss(True, 0) == pytest.approx(loss(True, 77), abs=1e-6)
+    assert loss(False, 0) != pytest.approx(loss(False, 77), abs=1e-4)
