@@ -136,6 +136,41 @@ def test_resume_in_process_is_bit_identical(tmp_path, stateful):
     assert _losses(part) == _losses(tmp_path / "full") == [x for _, x in full.losses]
 
 
+def test_ctrl_c_saves_a_checkpoint_and_stops(tmp_path):
+    calls = []
+
+    def interrupted_loss(model, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C during step 3
+        return glm_loss(model, batch)
+
+    source = SyntheticBatches(TINY.vocab_size, 24, 2, seed=9)
+    with pytest.raises(KeyboardInterrupt):
+        fit(_model(), source, _settings(max_steps=10), run_dir=tmp_path, loss_fn=interrupted_loss)
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-00000003"]
+    assert len(_losses(tmp_path)) == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
+    rest = fit(
+        _model(),
+        SyntheticBatches(TINY.vocab_size, 24, 2, seed=9),
+        _settings(max_steps=5),
+        run_dir=tmp_path,
+        resume=True,
+    )
+    assert [s for s, _ in rest.losses] == [4, 5]
+
+
+def test_max_minutes_stops_with_a_checkpoint(tmp_path):
+    result = fit(
+        _model(),
+        SyntheticBatches(TINY.vocab_size, 24, 2),
+        _settings(max_steps=50, max_minutes=1e-9),
+        run_dir=tmp_path,
+    )
+    assert result.step == 1 and [p.name for p in checkpoint_dirs(tmp_path)] == ["step-00000001"]
+
+
 def test_evaluate_loss_per_objective():
     model = _model().eval()
     token = SyntheticBatches(TINY.vocab_size, 24, 2, seed=1, mode="token")
