@@ -171,6 +171,25 @@ def test_max_minutes_stops_with_a_checkpoint(tmp_path):
     assert result.step == 1 and [p.name for p in checkpoint_dirs(tmp_path)] == ["step-00000001"]
 
 
+def test_activation_checkpointing_gives_identical_losses():
+    source = SyntheticBatches(TINY.vocab_size, 24, 2, seed=1)
+    plain = fit(_model(), source, _settings(max_steps=3))
+    source = SyntheticBatches(TINY.vocab_size, 24, 2, seed=1)
+    checkpointed = fit(_model(), source, _settings(max_steps=3, activation_checkpointing=True))
+    assert checkpointed.losses == plain.losses  # recomputation replays the dropout RNG too
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager():
+    cfg = TINY.replace(embedding_dropout_prob=0.0, attention_dropout_prob=0.0, output_dropout_prob=0.0)
+    eager = fit(_model(0, cfg), SyntheticBatches(cfg.vocab_size, 24, 2, seed=1), _settings(max_steps=3))
+    compiled = fit(
+        _model(0, cfg), SyntheticBatches(cfg.vocab_size, 24, 2, seed=1), _settings(max_steps=3, compile=True)
+    )
+    for (_, x), (_, y) in zip(eager.losses, compiled.losses, strict=True):
+        assert x == pytest.approx(y, abs=1e-4)
+
+
 def test_evaluate_loss_per_objective():
     model = _model().eval()
     token = SyntheticBatches(TINY.vocab_size, 24, 2, seed=1, mode="token")

@@ -229,9 +229,11 @@ def _batches(data, objective, train, config, tokenizer, env) -> tuple[Any, list[
             num_batches=data.valid_batches,
             seed=data.seed,
         )
-        # Every rank evaluates its own share of the fixed validation batches; sums are reduced over ranks.
+        # Ranks split the fixed validation batches when they divide evenly (FSDP2 forwards are collective, so
+        # all ranks must run the same number); otherwise every rank evaluates all of them, and the duplicated
+        # sums, reduced over ranks, leave the mean unchanged.
         flat = [b for batches in per_mode.values() for b in batches]
-        valid = flat[env.rank :: env.world_size]
+        valid = flat[env.rank :: env.world_size] if len(flat) % env.world_size == 0 else flat
     batches = PretrainingBatches(
         train_corpus,
         special,
