@@ -190,11 +190,14 @@ def demo(
     model = GLMModel.from_pretrained(summary["model_dir"]).eval()
     with torch.no_grad():
         filled = fill_blanks(model, tokenizer, list(prompts or PROMPTS), max_length=12, num_beams=4)
-    val = summary.get("val_loss/token", summary.get("val_loss", math.nan))
     lines = [
         f"trained {summary['step']} steps in {(time.time() - start) / 60:.1f} min (tokenizer, data and training)",
-        f"held-out blank-infilling loss (token objective): {val:.3f} nats/token",
-        f"unigram entropy of the corpus:                    {entropy:.3f} nats/token",
+        f"unigram entropy of the corpus:       {entropy:.3f} nats/token",
+    ]
+    for mode in ("token", "sentence", "document"):
+        value = summary.get(f"val_loss/{mode}", math.nan)
+        lines.append(f"held-out infilling loss, {mode + ':':<10}  {value:.3f} nats/token")
+    lines += [
         "",
         "filled blanks (4-beam search, the fills in brackets):",
     ]
