@@ -312,3 +312,24 @@ def test_block_lm_regularisation_mixes_blank_infilling_batches(tiny_dir: Path, t
         task=str(tmp_path / "task.yaml"), model=str(tiny_dir), out_dir=str(tmp_path / "run"), train=settings
     )
     assert report["steps"] == 4 and report["final_loss"] is not None
+
+
+def test_resumed_finetune_continues_the_step_count_and_keeps_the_best(tiny_dir: Path, tmp_path: Path) -> None:
+    _write_data(tmp_path / "data", n_train=8, n_dev=4)
+    task = str(_task_yaml(tmp_path, CLOZE_YAML))
+    out = str(tmp_path / "run")
+    first = FinetuneSettings(max_steps=2, batch_size=4, lr=1e-3, eval_every=2, progress=False, device="cpu")
+    report1 = finetune(task=task, model=str(tiny_dir), out_dir=out, train=first)
+    second = FinetuneSettings(
+        max_steps=4, batch_size=4, lr=1e-3, eval_every=2, progress=False, device="cpu", resume=True
+    )
+    report2 = finetune(task=task, model=str(tiny_dir), out_dir=out, train=second)
+    assert report2["steps"] == 4
+    assert report2["dev"]["accuracy"] >= report1["dev"]["accuracy"]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    dev = [(r["step"], r["dev_accuracy"]) for r in rows if "dev_accuracy" in r]
+    assert [step for step, _ in dev] == [2, 4]
+    best_value = max(v for _, v in dev)
+    assert report2["best_step"] == next(
+        step for step, v in dev if v == best_value
+    )  # first step reaching the best

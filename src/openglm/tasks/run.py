@@ -526,6 +526,8 @@ def finetune(
     counter = {"micro_batches": 0}
     best: dict[str, Any] = {"value": None, "step": None, "metrics": None}
     key_metric = t.metrics[0]
+    if train.resume:
+        _restore_progress(out, key_metric, counter, best)
 
     def loss_fn(m: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         counter["micro_batches"] += 1
@@ -690,6 +692,28 @@ def evaluate(
     if output:
         write_json(Path(output), result)
     return result
+
+
+def _restore_progress(out: Path, key_metric: str, counter: dict[str, int], best: dict[str, Any]) -> None:
+    """On resume: the step count from the newest checkpoint and the best dev score so far from metrics.jsonl,
+    so that a resumed run keeps a better earlier `best/` instead of overwriting it."""
+    from openglm.train.checkpoint import latest_checkpoint
+    from openglm.train.loop import METRICS_NAME
+
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is None:
+        return
+    done = int(checkpoint.name.split("-")[-1])
+    counter["micro_batches"] = done
+    history = out / METRICS_NAME
+    if not (history.is_file() and (out / BEST_DIR).is_dir()):
+        return
+    for line in history.read_text().splitlines():
+        row = json.loads(line) if line.strip() else {}
+        value = row.get(f"dev_{key_metric}")
+        if value is not None and row["step"] <= done and (best["value"] is None or value > best["value"]):
+            metrics = {k.removeprefix("dev_"): v for k, v in row.items() if k.startswith("dev_")}
+            best.update(value=value, step=row["step"], metrics=metrics)
 
 
 def _check_vocab(net: nn.Module, tok: Any, model_dir: str | os.PathLike) -> None:
