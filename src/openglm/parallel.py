@@ -147,7 +147,8 @@ def wrap_model(
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [env.device.index] if env.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+        # Gradients live in the communication buckets: no second copy of them (what `openglm plan` assumes).
+        return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
