@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor, nn
 
-from openglm.parallel import unwrap
+from openglm.tasks.finetuning import finetune_summary, fit_keeping_best
 from openglm.tasks.lm_eval import Sample, collate
 from openglm.tasks.seq2seq import smoothed_loss_fn, write_text_atomic
 
@@ -364,7 +364,6 @@ def finetune_infilling(
     """
     from openglm.model import GLMModel
     from openglm.tokenizer import GLMTokenizer
-    from openglm.train.loop import fit
     from openglm.train.settings import OptimSettings, TrainSettings
 
     out = Path(out_dir)
@@ -390,12 +389,10 @@ def finetune_infilling(
         progress=progress,
     )
     optim = OptimSettings(lr=lr, weight_decay=weight_decay, schedule="linear", warmup=warmup)
-    best: dict[str, Any] = {"score": -1.0, "metrics": {}}
-    best_dir = out / "best"
 
-    def eval_fn(net: nn.Module) -> dict[str, float]:
-        metrics = evaluate_infilling(
-            unwrap(net),
+    def dev_metrics(net: nn.Module) -> dict[str, float]:
+        return evaluate_infilling(
+            net,
             tokenizer,
             dev_data or "",
             mask_ratio,
@@ -404,30 +401,19 @@ def finetune_infilling(
             batch_size,
             documents=dev_docs,
         )
-        if metrics["bleu"] > best["score"]:
-            best.update(score=metrics["bleu"], metrics=dict(metrics))
-            unwrap(net).save_pretrained(best_dir)
-            tokenizer.save_pretrained(best_dir)
-        return metrics
 
-    result = fit(
+    result, best = fit_keeping_best(
         model,
+        tokenizer,
         batches,
         settings,
         optim,
         run_dir=out,
+        evaluate=dev_metrics if dev_docs else None,
+        key_metric="bleu",
         loss_fn=smoothed_loss_fn(label_smoothing),
-        eval_fn=eval_fn if dev_docs else None,
     )
-    if not dev_docs:
-        model.save_pretrained(best_dir)
-        tokenizer.save_pretrained(best_dir)
-    summary = {
-        "step": result.step,
-        "train_loss": result.losses[-1][1] if result.losses else None,
-        "dev": best["metrics"],
-        "best": str(best_dir),
-    }
+    summary = finetune_summary(result, best)
     write_text_atomic(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
     return summary
 

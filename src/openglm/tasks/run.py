@@ -9,7 +9,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -37,6 +36,7 @@ from openglm.tasks.cloze import (
     encode_example,
     filled_pattern_tokens,
 )
+from openglm.tasks.finetuning import BestDev, fit_keeping_best
 from openglm.tasks.metrics import compute_metrics
 from openglm.tasks.superglue import SPLIT_FILES, TASKS, SuperGLUETask, get_task
 
@@ -425,25 +425,6 @@ def load_model(
     return GLMForSequenceClassification(backbone, num_classes, data.pool_token).to(device)
 
 
-def save_model_dir(model: nn.Module, tokenizer: Any, directory: Path) -> None:
-    """Write model + tokenizer into `directory`, replacing it only once the new copy is complete."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        old = directory.with_name(f".{directory.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        if directory.exists():
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write JSON atomically (temporary file + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -489,7 +470,7 @@ def finetune(
     """
     if task.lower() in SEQ2SEQ_TASKS + INFILLING_TASKS + LM_EVAL_TASKS:
         return _dispatch_finetune(task.lower(), model, out_dir, tokenizer, data, train)
-    from openglm.train.loop import fit, glm_loss
+    from openglm.train.loop import glm_loss
     from openglm.train.settings import OptimSettings, TrainSettings
 
     t = resolve_task(task)
@@ -524,7 +505,7 @@ def finetune(
     )  # fmt: skip
 
     counter = {"micro_batches": 0}
-    best: dict[str, Any] = {"value": None, "step": None, "metrics": None}
+    best = BestDev(out / BEST_DIR)
     key_metric = t.metrics[0]
     if train.resume:
         _restore_progress(out, key_metric, counter, best)
@@ -539,24 +520,16 @@ def finetune(
         scores = batch_scores(m, batch, data.mode, length_penalty)
         return cloze_loss(scores, batch["labels"], loss_func), torch.ones(())
 
-    def eval_fn(m: nn.Module) -> dict[str, float]:
-        from openglm import parallel
-
-        inner = parallel.unwrap(m)
+    def dev_metrics(m: nn.Module) -> dict[str, float]:
         scores = predict_scores(
-            inner, dev_samples, data.mode, length_penalty, train.eval_batch_size, train.progress
+            m, dev_samples, data.mode, length_penalty, train.eval_batch_size, train.progress
         )
         metrics = score_examples(t, dev_examples, scores, "dev")
         if not metrics:
             raise ValueError(
                 f"task {t.name}: the dev split has unlabelled examples; cannot select a best model"
             )
-        step = counter["micro_batches"]
-        if best["value"] is None or metrics[key_metric] > best["value"]:
-            best.update(value=metrics[key_metric], step=step, metrics=metrics)
-            save_model_dir(inner, tok, out / BEST_DIR)
-            logger.info("new best dev %s = %.4f at step %d", key_metric, metrics[key_metric], step)
-        return {f"dev_{k}": v for k, v in metrics.items()}
+        return metrics
 
     settings = TrainSettings(
         max_steps=max_steps,
@@ -583,16 +556,21 @@ def finetune(
         clip_grad=train.clip_grad,
     )
     started = time.time()
-    result = fit(
+    result, best = fit_keeping_best(
         net,
+        tok,
         batches,
         settings,
         optim,
         run_dir=out,
+        evaluate=dev_metrics,
+        key_metric=key_metric,
         loss_fn=loss_fn,
         count_fn=lambda b: 1.0,
-        eval_fn=eval_fn,
         resume=train.resume,
+        best=best,
+        step_fn=lambda: counter["micro_batches"],
+        metric_prefix="dev_",
     )
     report: dict[str, Any] = {
         "task": t.name,
@@ -601,8 +579,8 @@ def finetune(
         "model": str(model),
         "steps": result.step,
         "train_examples": len(train_samples),
-        "best_step": best["step"],
-        "dev": best["metrics"],
+        "best_step": best.step,
+        "dev": best.metrics,
         "final_loss": result.losses[-1][1] if result.losses else None,
         "seconds": round(time.time() - started, 1),
         "hyperparameters": {
@@ -627,7 +605,7 @@ def finetune(
         )
         report["test"] = score_examples(t, test_examples, scores, "test") or None
     write_json(out / METRICS_FILE, report)
-    logger.info("best dev %s: %s; wrote %s", key_metric, best["metrics"], out / METRICS_FILE)
+    logger.info("best dev %s: %s; wrote %s", key_metric, best.metrics, out / METRICS_FILE)
     return report
 
 
@@ -694,7 +672,7 @@ def evaluate(
     return result
 
 
-def _restore_progress(out: Path, key_metric: str, counter: dict[str, int], best: dict[str, Any]) -> None:
+def _restore_progress(out: Path, key_metric: str, counter: dict[str, int], best: BestDev) -> None:
     """On resume: the step count from the newest checkpoint and the best dev score so far from metrics.jsonl,
     so that a resumed run keeps a better earlier `best/` instead of overwriting it."""
     from openglm.train.checkpoint import latest_checkpoint
@@ -711,9 +689,9 @@ def _restore_progress(out: Path, key_metric: str, counter: dict[str, int], best:
     for line in history.read_text().splitlines():
         row = json.loads(line) if line.strip() else {}
         value = row.get(f"dev_{key_metric}")
-        if value is not None and row["step"] <= done and (best["value"] is None or value > best["value"]):
-            metrics = {k.removeprefix("dev_"): v for k, v in row.items() if k.startswith("dev_")}
-            best.update(value=value, step=row["step"], metrics=metrics)
+        if value is not None and row["step"] <= done and (best.value is None or value > best.value):
+            best.value, best.step = value, row["step"]
+            best.metrics = {k.removeprefix("dev_"): v for k, v in row.items() if k.startswith("dev_")}
 
 
 def _check_vocab(net: nn.Module, tok: Any, model_dir: str | os.PathLike) -> None:

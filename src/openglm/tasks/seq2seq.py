@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from openglm.tasks.finetuning import finetune_summary, fit_keeping_best
 from openglm.tasks.lm_eval import Sample, collate, default_mask_id, read_jsonl, two_part_row
 
 logger = logging.getLogger(__name__)
@@ -522,7 +523,6 @@ def finetune_seq2seq(
     """
     from openglm.model import GLMModel
     from openglm.tokenizer import GLMTokenizer
-    from openglm.train.loop import fit
     from openglm.train.settings import OptimSettings, TrainSettings
 
     out = Path(out_dir)
@@ -549,19 +549,10 @@ def finetune_seq2seq(
         progress=progress,
     )
     optim = OptimSettings(lr=lr, weight_decay=weight_decay, schedule="linear", warmup=warmup)
-    best: dict[str, Any] = {"score": -1.0, "metrics": {}}
-    best_dir = out / "best"
 
-    def keep_if_best(metrics: dict[str, float], net: nn.Module) -> None:
-        score = metrics.get("rougeL", 0.0)
-        if score > best["score"]:
-            best.update(score=score, metrics=dict(metrics))
-            _unwrap(net).save_pretrained(best_dir)
-            tokenizer.save_pretrained(best_dir)
-
-    def eval_fn(net: nn.Module) -> dict[str, float]:
-        metrics = evaluate_seq2seq(
-            _unwrap(net),
+    def dev_metrics(net: nn.Module) -> dict[str, float]:
+        return evaluate_seq2seq(
+            net,
             tokenizer,
             dev_data or "",
             layout=layout,
@@ -574,35 +565,21 @@ def finetune_seq2seq(
             pairs=dev_pairs,
             mask_token=mask_token,
         )
-        keep_if_best(metrics, net)
-        return metrics
 
-    result = fit(
+    result, best = fit_keeping_best(
         model,
+        tokenizer,
         batches,
         settings,
         optim,
         run_dir=out,
+        evaluate=dev_metrics if dev_pairs else None,
+        key_metric="rougeL",
         loss_fn=smoothed_loss_fn(label_smoothing),
-        eval_fn=eval_fn if dev_pairs else None,
     )
-    if not dev_pairs:
-        model.save_pretrained(best_dir)
-        tokenizer.save_pretrained(best_dir)
-    summary = {
-        "step": result.step,
-        "train_loss": result.losses[-1][1] if result.losses else None,
-        "dev": best["metrics"],
-        "best": str(best_dir),
-    }
+    summary = finetune_summary(result, best)
     write_text_atomic(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    from openglm import parallel
-
-    return parallel.unwrap(model)
 
 
 def run_seq2seq_eval(

@@ -1,0 +1,162 @@
+"""Fine-tuning with the shared training loop while keeping the model of the best dev evaluation (spec D.2-D.8):
+the selection rule common to classification, seq2seq and text-infilling fine-tuning.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from openglm.parallel import unwrap
+
+if TYPE_CHECKING:
+    from openglm.train.loop import Batch, FitResult, LossFn
+    from openglm.train.settings import OptimSettings, TrainSettings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BestDev:
+    """The best dev evaluation so far and the directory holding its model.
+
+    Attributes:
+        directory: where the best model and its tokenizer are saved.
+        value: its key metric (None before the first evaluation).
+        step: the step it was made at, as counted by the caller (None when not counted).
+        metrics: all its metrics (None before the first evaluation).
+    """
+
+    directory: Path
+    value: float | None = None
+    step: int | None = None
+    metrics: dict[str, float] | None = None
+
+
+def save_model_dir(model: nn.Module, tokenizer: Any, directory: Path) -> None:
+    """Write model + tokenizer into `directory`, replacing it only once the new copy is complete.
+
+    Args:
+        model: a module with `save_pretrained(dir)`.
+        tokenizer: a tokenizer with `save_pretrained(dir)`.
+        directory: the target directory (an existing one is replaced).
+    """
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        old = directory.with_name(f".{directory.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        if directory.exists():
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fit_keeping_best(
+    model: nn.Module,
+    tokenizer: Any,
+    batches: Iterable[Batch],
+    settings: TrainSettings,
+    optim: OptimSettings,
+    *,
+    run_dir: str | os.PathLike,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None,
+    key_metric: str,
+    loss_fn: LossFn | None = None,
+    count_fn: Callable[[Batch], float] | None = None,
+    resume: bool = False,
+    best: BestDev | None = None,
+    step_fn: Callable[[], int] | None = None,
+    metric_prefix: str = "",
+) -> tuple[FitResult, BestDev]:
+    """Train with `fit`, saving model + tokenizer to the best directory whenever dev `key_metric` improves.
+
+    The first evaluation is always kept; later ones only when strictly better. Without `evaluate` (no dev
+    data) the final model is saved there instead.
+
+    Args:
+        model: the unwrapped model (`fit` wraps it per `settings`).
+        tokenizer: saved next to every kept model.
+        batches: training batches for `fit`.
+        settings: run settings.
+        optim: optimizer settings.
+        run_dir: the run directory (checkpoints, metrics.jsonl); the best model goes to `run_dir/best`
+            unless `best` names another directory.
+        evaluate: `(unwrapped model) -> dev metrics` (must contain `key_metric`); None: no dev evaluation.
+        key_metric: the metric that selects the best model (higher is better).
+        loss_fn: `fit`'s loss function (default: its own).
+        count_fn: `fit`'s weight counter (default: its own).
+        resume: continue from the newest checkpoint in `run_dir`.
+        best: the best evaluation so far (e.g. restored on resume); default: none yet.
+        step_fn: `() -> step` recorded with a new best (default: no step recorded).
+        metric_prefix: prefix of the metric names returned to `fit` (what metrics.jsonl records).
+
+    Returns:
+        `fit`'s result and the best dev evaluation.
+    """
+    from openglm.train.loop import fit
+
+    out = Path(run_dir)
+    best = best if best is not None else BestDev(out / "best")
+
+    def eval_fn(net: nn.Module) -> dict[str, float]:
+        inner = unwrap(net)
+        metrics = evaluate(inner)  # type: ignore[misc]  # only called when `evaluate` is given
+        value = metrics[key_metric]
+        if best.value is None or value > best.value:
+            best.value, best.metrics = value, dict(metrics)
+            best.step = step_fn() if step_fn is not None else None
+            save_model_dir(inner, tokenizer, best.directory)
+            logger.info("new best dev %s = %.4f (step %s)", key_metric, value, best.step)
+        return {f"{metric_prefix}{k}": v for k, v in metrics.items()}
+
+    extra: dict[str, Any] = {}
+    if loss_fn is not None:
+        extra["loss_fn"] = loss_fn
+    if count_fn is not None:
+        extra["count_fn"] = count_fn
+    result = fit(
+        model,
+        batches,
+        settings,
+        optim,
+        run_dir=out,
+        eval_fn=eval_fn if evaluate is not None else None,
+        resume=resume,
+        **extra,
+    )
+    if evaluate is None:
+        save_model_dir(unwrap(model), tokenizer, best.directory)
+    return result, best
+
+
+def finetune_summary(result: FitResult, best: BestDev) -> dict[str, Any]:
+    """The summary of a generation fine-tuning run (seq2seq, text infilling).
+
+    Args:
+        result: `fit`'s result.
+        best: the best dev evaluation.
+
+    Returns:
+        `{"step", "train_loss", "dev": best dev metrics ({} without dev data), "best": model directory}`.
+    """
+    return {
+        "step": result.step,
+        "train_loss": result.losses[-1][1] if result.losses else None,
+        "dev": best.metrics or {},
+        "best": str(best.directory),
+    }
