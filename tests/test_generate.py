@@ -29,15 +29,6 @@ SPECIAL = SpecialIds(sop=250, eop=251, eos=0, pad=0)
 MASK, SMASK, GMASK, CLS = 252, 253, 254, 249
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on a shared 2-core machine: thread hand-offs cost more than the maths.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _fixture_model(name: str) -> tuple[GLMModel, Path]:
     from safetensors.torch import load_file
 

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from tests.conftest import shared_data_dir
+from tests.conftest import bert_tokenizer, char_tokenizer, tiny_checkpoint, train_steps
 
 from openglm.config import GLMConfig
 from openglm.model import GLMModel
@@ -26,39 +26,6 @@ from openglm.tasks.infilling import (
 )
 from openglm.tasks.lm_eval import collate
 from openglm.tasks.seq2seq import smoothed_loss_fn
-
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny models run fastest on one thread; several threads on a shared CPU slow them down many times."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def char_tokenizer() -> SimpleNamespace:
-    """One id per character (spaces dropped); "[MASK]" is the mask token."""
-
-    def encode(text: str) -> list[int]:
-        out = []
-        for i, part in enumerate(text.split("[MASK]")):
-            if i:
-                out.append(2)
-            out += [ord(c) % 200 + 40 for c in part.replace(" ", "")]
-        return out
-
-    return SimpleNamespace(
-        pad_id=0,
-        eos_id=0,
-        cls_id=1,
-        mask_id=2,
-        sop_id=3,
-        eop_id=4,
-        gmask_id=None,
-        smask_id=None,
-        encode=encode,
-    )
 
 
 def test_mask_words_ratio_and_runs() -> None:
@@ -113,30 +80,17 @@ def test_bleu_against_hand_computation() -> None:
 
 def test_tiny_model_learns_to_fill_two_blanks() -> None:
     """Training steps on one blanked text, then greedy decoding fills both blanks, the second after the first."""
-    from openglm.train.loop import fit
-    from openglm.train.settings import OptimSettings, TrainSettings
-
     torch.manual_seed(0)
     tok = char_tokenizer()
     model = GLMModel(GLMConfig.from_name("tiny"))
     sample = infilling_sample("ab [MASK] cd [MASK] e", ["xy", "z"], tok, src_seq_length=12, mask_ratio=0.5)
-    settings = TrainSettings(max_steps=20, device="cpu", progress=False, eval_every=0, log_every=100)
-    optim = OptimSettings(lr=1e-2, warmup=0.0, schedule="constant")
-    fit(model, [collate([sample], tok.pad_id)], settings, optim, loss_fn=smoothed_loss_fn(0.1))
+    train_steps(model, [collate([sample], tok.pad_id)], 20, smoothed_loss_fn(0.1))
     query = infilling_sample("ab [MASK] cd [MASK] e", None, tok, src_seq_length=12, mask_ratio=0.5)
     assert decode_blanks(model, [query], tok, max_length=4) == [[tok.encode("xy"), tok.encode("z")]]
 
 
 def test_finetune_infilling_end_to_end(tmp_path: Path) -> None:
-    from openglm.tokenizer import GLMTokenizer
-
-    vocab = shared_data_dir() / "tokenizers" / "bert-large-uncased-vocab.txt"
-    if not vocab.is_file():
-        pytest.skip(f"tokenizer files not available: {vocab}")
-    tok = GLMTokenizer.from_files("bert", vocab)
-    torch.manual_seed(0)
-    GLMModel(GLMConfig.from_name("tiny", vocab_size=tok.vocab_size)).save_pretrained(tmp_path / "base")
-    tok.save_pretrained(tmp_path / "base")
+    tiny_checkpoint(tmp_path / "base", bert_tokenizer())
     docs = ["i think the answer is yes because it works for me", "you should ask your doctor about the pain"]
     (tmp_path / "train.txt").write_text("\n".join(docs) + "\n")
     result = finetune_infilling(

@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from tests.conftest import reference_dir, shared_data_dir
+from tests.conftest import bert_tokenizer, char_tokenizer, reference_dir, shared_data_dir
 from torch import nn
 
 from openglm.config import GLMConfig
@@ -29,16 +28,6 @@ from openglm.tasks.lm_eval import (
     perplexity_metrics,
     wikitext_detokenize,
 )
-
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny models run fastest on one thread; several threads on a shared CPU slow them down many times."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 TOKENIZER_FILES = {"bert": "bert-large-uncased-vocab.txt", "gpt2": "gpt2-vocab.json"}
 LM_PREFIXES = ("lambada_", "wikitext_", "lm_")
@@ -131,16 +120,10 @@ def test_perplexity_metrics_formula() -> None:
     assert perplexity_metrics(nll=1e6, num_tokens=3, num_words=3)["ppl"] == pytest.approx(math.exp(20.0))
 
 
-def fake_tokenizer() -> SimpleNamespace:
-    return SimpleNamespace(
-        pad_id=0, eos_id=0, cls_id=1, mask_id=2, sop_id=3, eop_id=4, gmask_id=5, smask_id=6
-    )
-
-
 @pytest.mark.parametrize("unidirectional", [False, True])
 @pytest.mark.parametrize(("seq_length", "stride"), [(16, 4), (16, 14), (33, 8), (9, 3), (9, 1)])
 def test_windows_predict_every_token_once(unidirectional: bool, seq_length: int, stride: int) -> None:
-    tok = fake_tokenizer()
+    tok = char_tokenizer(gmask_id=5, smask_id=6)
     docs = [list(range(100, 100 + n)) for n in (1, 2, 7, 15, 16, 17, 40, 61)]
     windows = lm_windows(docs, tok, seq_length, stride, unidirectional)
     predicted = [t for w in windows for t in w["targets"][w["loss_mask"] > 0].tolist()]
@@ -166,7 +149,7 @@ class ScriptedLM(nn.Module):
 
 
 def test_lambada_needs_every_answer_token() -> None:
-    tok = fake_tokenizer()
+    tok = char_tokenizer(gmask_id=5, smask_id=6)
     answers = [[7], [8, 9], [10, 11], [12, 13]]
     samples = [lambada_sample([20 + i, 21], ans, tok, seq_length=12) for i, ans in enumerate(answers)]
     # right; second token wrong; first token wrong; both right
@@ -176,7 +159,7 @@ def test_lambada_needs_every_answer_token() -> None:
 
 
 def test_lambada_unidirectional_scores_only_the_answer() -> None:
-    tok = fake_tokenizer()
+    tok = char_tokenizer(gmask_id=5, smask_id=6)
     sample = lambada_sample([20, 21, 22], [9], tok, seq_length=12, unidirectional=True)
     assert sample["sep"] == 4 and sample["targets"][sample["loss_mask"] > 0].tolist() == [9]
     assert lambada_correct(ScriptedLM([9]), [sample], tok.pad_id) == [True]
@@ -184,7 +167,7 @@ def test_lambada_unidirectional_scores_only_the_answer() -> None:
 
 def test_collate_trims_padding_without_changing_logits() -> None:
     torch.manual_seed(0)
-    tok = fake_tokenizer()
+    tok = char_tokenizer(gmask_id=5, smask_id=6)
     model = GLMModel(GLMConfig.from_name("tiny")).eval()
     samples = [lambada_sample([30, 31, 32, 33], [40, 41], tok, 24), lambada_sample([50], [60], tok, 24)]
     short = collate(samples, tok.pad_id)
@@ -197,15 +180,6 @@ def test_collate_trims_padding_without_changing_logits() -> None:
         a = model(short["input_ids"], short["position_ids"], attention_mask=short["sep"]).logits
         b = model(full["input_ids"], full["position_ids"], attention_mask=short["sep"]).logits
     torch.testing.assert_close(a, b[:, :9])
-
-
-def bert_tokenizer():
-    from openglm.tokenizer import GLMTokenizer
-
-    path = shared_data_dir() / "tokenizers" / TOKENIZER_FILES["bert"]
-    if not path.is_file():
-        pytest.skip(f"tokenizer files not available: {path}")
-    return GLMTokenizer.from_files("bert", path)
 
 
 def uniform_model(tokenizer) -> GLMModel:
@@ -273,7 +247,7 @@ def test_lambada_and_multichoice_end_to_end(tmp_path: Path) -> None:
 
 
 def test_bad_rows_raise_one_line_errors(tmp_path: Path) -> None:
-    tok = fake_tokenizer()
+    tok = char_tokenizer(gmask_id=5, smask_id=6)
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "x"}\n')
     with pytest.raises(ValueError, match="no field 'label'"):
@@ -321,8 +295,8 @@ def test_multichoice_layouts() -> None:
             out += ([2] if i else []) + [ord(c) for c in part.replace(" ", "")]
         return out
 
-    tok = SimpleNamespace(**vars(fake_tokenizer()), encode=encode)
-    tok.gmask_id = None
+    tok = char_tokenizer(smask_id=6)
+    tok.encode = encode
     bi = multichoice_samples("ab", ["x", "yz"], tok)
     # "[MASK]" appended: [CLS] a b [MASK] eos | sop (x) ; the choice sits at the mask, no eop is scored.
     assert bi[0]["input_ids"].tolist() == [1, 97, 98, 2, 0, 3]

@@ -76,14 +76,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_two_gloo_ranks_match_one_process_and_a_dead_rank_fails_the_other(tmp_path):
     port = _free_port()
     procs = []

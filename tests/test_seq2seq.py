@@ -6,12 +6,18 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from tests.conftest import reference_dir, shared_data_dir
+from tests.conftest import (
+    bert_tokenizer,
+    char_tokenizer,
+    reference_dir,
+    shared_data_dir,
+    tiny_checkpoint,
+    train_steps,
+)
 from tests.test_lm_eval import assert_row, fixture_cases, fixture_tokenizer, load_case
 
 from openglm.config import GLMConfig
@@ -29,15 +35,6 @@ from openglm.tasks.seq2seq import (
     seq2seq_sample,
     smoothed_loss_fn,
 )
-
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny models run fastest on one thread; several threads on a shared CPU slow them down many times."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("name", fixture_cases(("xsum_", "customization_")) or ["<no fixtures>"])
@@ -122,20 +119,6 @@ def test_rouge_on_known_example() -> None:
     assert rouge(["a b", "c"], ["a b", "d"])["rouge1"] == pytest.approx(50.0)
 
 
-def small_tokenizer() -> SimpleNamespace:
-    return SimpleNamespace(
-        pad_id=0,
-        eos_id=0,
-        cls_id=1,
-        mask_id=2,
-        sop_id=3,
-        eop_id=4,
-        gmask_id=None,
-        smask_id=None,
-        encode=lambda text: [ord(c) % 200 + 40 for c in text.replace(" ", "")],
-    )
-
-
 def test_extend_positions_keeps_old_rows() -> None:
     torch.manual_seed(0)
     model = GLMModel(GLMConfig.from_name("tiny"))
@@ -152,11 +135,8 @@ def test_extend_positions_keeps_old_rows() -> None:
 
 def test_tiny_model_learns_and_beam_decodes_a_target() -> None:
     """A few steps of the smoothed loss on one pair: the loss falls and beam search returns the target."""
-    from openglm.train.loop import fit
-    from openglm.train.settings import OptimSettings, TrainSettings
-
     torch.manual_seed(0)
-    tok = small_tokenizer()
+    tok = char_tokenizer()
     model = GLMModel(GLMConfig.from_name("tiny"))
     pairs = [("abcdef", "xyz")]
     samples = [seq2seq_sample(s, t, tok, "summarization", 16, 6) for s, t in pairs]
@@ -169,8 +149,7 @@ def test_tiny_model_learns_and_beam_decodes_a_target() -> None:
     decode = DecodeSettings(num_beams=3, min_length=1, no_repeat_ngram_size=0)
     expected = [tok.encode(" " + t) for _, t in pairs]
     assert generate_targets(model, evals, tok, decode, 6) != expected
-    settings = TrainSettings(max_steps=30, device="cpu", progress=False, eval_every=0, log_every=100)
-    fit(model, batches, settings, OptimSettings(lr=1e-2, warmup=0.0, schedule="constant"), loss_fn=loss_fn)
+    train_steps(model, batches, 30, loss_fn)
     with torch.no_grad():
         after = float(loss_fn(model, collate_seq2seq(samples, tok.pad_id))[0])
     assert after < before / 3
@@ -180,15 +159,7 @@ def test_tiny_model_learns_and_beam_decodes_a_target() -> None:
 def test_finetune_seq2seq_end_to_end(tmp_path: Path) -> None:
     """The CLI-level function: loads a checkpoint + tokenizer, trains, decodes dev, keeps the best model."""
     pytest.importorskip("rouge_score")
-    from openglm.tokenizer import GLMTokenizer
-
-    vocab = shared_data_dir() / "tokenizers" / "bert-large-uncased-vocab.txt"
-    if not vocab.is_file():
-        pytest.skip(f"tokenizer files not available: {vocab}")
-    tok = GLMTokenizer.from_files("bert", vocab)
-    torch.manual_seed(0)
-    GLMModel(GLMConfig.from_name("tiny", vocab_size=tok.vocab_size)).save_pretrained(tmp_path / "base")
-    tok.save_pretrained(tmp_path / "base")
+    tiny_checkpoint(tmp_path / "base", bert_tokenizer())
     rows = [{"document": "the fox jumps over the dog.\nit was sunny.", "summary": "fox jumps"}]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     result = finetune_seq2seq(
@@ -235,7 +206,7 @@ def test_explicit_mask_token() -> None:
 def test_mask_pad_hides_the_source_padding() -> None:
     """With mask_pad the loss ignores what sits in Part A's padding; without it the pads are attended."""
     torch.manual_seed(0)
-    tok = small_tokenizer()
+    tok = char_tokenizer()
     model = GLMModel(GLMConfig.from_name("tiny")).eval()
     loss_fn = smoothed_loss_fn(0.0)
 

@@ -26,15 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = GLMConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=128, max_sequence_length=32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models on a shared CPU: one intra-op thread is several times faster than two fighting for cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _settings(**kw) -> TrainSettings:
     base = dict(max_steps=6, micro_batch_size=4, progress=False, tensorboard=False, device="cpu")
     base.update(kw)

@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from openglm.train.demo import recipe_arguments, unigram_entropy
 from openglm.train.pretrain import DataSettings, pretrain
@@ -15,14 +14,6 @@ from openglm.train.settings import OptimSettings, TrainSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "configs" / "pretrain").glob("*.yaml"))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_the_official_recipes_are_there():
