@@ -4,11 +4,13 @@ the selection rule common to classification, seq2seq and text-infilling fine-tun
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -144,19 +146,85 @@ def fit_keeping_best(
     return result, best
 
 
-def finetune_summary(result: FitResult, best: BestDev) -> dict[str, Any]:
-    """The summary of a generation fine-tuning run (seq2seq, text infilling).
+def finetune_generation(
+    model: nn.Module,
+    tokenizer: Any,
+    batches: Sized,
+    out_dir: Path,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None,
+    key_metric: str,
+    *,
+    label_smoothing: float,
+    epochs: float,
+    max_steps: int | None,
+    batch_size: int,
+    grad_accum: int,
+    lr: float,
+    weight_decay: float,
+    warmup: float,
+    eval_every: int,
+    precision: str,
+    device: str,
+    seed: int,
+    progress: bool,
+) -> dict[str, Any]:
+    """Fine-tune for generation (seq2seq, text infilling) with the label-smoothed loss and the official linear
+    schedule, keep the best dev model in `out_dir/best` and write the summary to `out_dir/metrics.json`.
 
     Args:
-        result: `fit`'s result.
-        best: the best dev evaluation.
+        model: the pretrained model.
+        tokenizer: saved with every kept model.
+        batches: training batches (their `len` is one epoch).
+        out_dir: run directory.
+        evaluate: `(unwrapped model) -> dev metrics`; None: no dev data (the final model is kept).
+        key_metric: the dev metric that selects the best model.
+        label_smoothing: epsilon of the smoothed loss.
+        epochs: training epochs (used when `max_steps` is None).
+        max_steps: optimizer steps (overrides `epochs`).
+        batch_size: rows per micro-batch.
+        grad_accum: micro-batches per optimizer step.
+        lr: peak learning rate.
+        weight_decay: AdamW weight decay.
+        warmup: warmup fraction.
+        eval_every: evaluate every this many steps (0: only at the end).
+        precision: `fp32`, `bf16` or `fp16`.
+        device: `auto`, `cpu`, `cuda`, ...
+        seed: seed of initialisation, dropout and data order.
+        progress: show progress bars.
 
     Returns:
         `{"step", "train_loss", "dev": best dev metrics ({} without dev data), "best": model directory}`.
     """
-    return {
+    from openglm.tasks.seq2seq import smoothed_loss_fn, write_text_atomic
+    from openglm.train.settings import OptimSettings, TrainSettings
+
+    settings = TrainSettings(
+        max_steps=max_steps or max(1, math.ceil(len(batches) * epochs / grad_accum)),
+        micro_batch_size=batch_size,
+        grad_accum=grad_accum,
+        precision=precision,
+        device=device,
+        seed=seed,
+        eval_every=eval_every,
+        progress=progress,
+    )
+    optim = OptimSettings(lr=lr, weight_decay=weight_decay, schedule="linear", warmup=warmup)
+    result, best = fit_keeping_best(
+        model,
+        tokenizer,
+        batches,  # type: ignore[arg-type]  # the batch sources are iterable as well as sized
+        settings,
+        optim,
+        run_dir=out_dir,
+        evaluate=evaluate,
+        key_metric=key_metric,
+        loss_fn=smoothed_loss_fn(label_smoothing),
+    )
+    summary = {
         "step": result.step,
         "train_loss": result.losses[-1][1] if result.losses else None,
         "dev": best.metrics or {},
         "best": str(best.directory),
     }
+    write_text_atomic(out_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
+    return summary

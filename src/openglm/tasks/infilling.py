@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 from torch import Tensor, nn
 
-from openglm.tasks.finetuning import finetune_summary, fit_keeping_best
+from openglm.tasks.finetuning import finetune_generation
 from openglm.tasks.lm_eval import Sample, collate
-from openglm.tasks.seq2seq import smoothed_loss_fn, write_text_atomic
+from openglm.tasks.seq2seq import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -364,7 +364,6 @@ def finetune_infilling(
     """
     from openglm.model import GLMModel
     from openglm.tokenizer import GLMTokenizer
-    from openglm.train.settings import OptimSettings, TrainSettings
 
     out = Path(out_dir)
     tokenizer = GLMTokenizer.from_pretrained(tokenizer_dir or model_dir)
@@ -377,18 +376,6 @@ def finetune_infilling(
         read_documents(train_data, train_limit), tokenizer, mask_ratio, src_seq_length, batch_size, seed
     )
     dev_docs = read_documents(dev_data, dev_limit) if dev_data is not None else None
-    steps = max_steps or max(1, math.ceil(len(batches) * epochs / grad_accum))
-    settings = TrainSettings(
-        max_steps=steps,
-        micro_batch_size=batch_size,
-        grad_accum=grad_accum,
-        precision=precision,
-        device=device,
-        seed=seed,
-        eval_every=eval_every,
-        progress=progress,
-    )
-    optim = OptimSettings(lr=lr, weight_decay=weight_decay, schedule="linear", warmup=warmup)
 
     def dev_metrics(net: nn.Module) -> dict[str, float]:
         return evaluate_infilling(
@@ -402,20 +389,27 @@ def finetune_infilling(
             documents=dev_docs,
         )
 
-    result, best = fit_keeping_best(
+    return finetune_generation(
         model,
         tokenizer,
         batches,
-        settings,
-        optim,
-        run_dir=out,
-        evaluate=dev_metrics if dev_docs else None,
-        key_metric="bleu",
-        loss_fn=smoothed_loss_fn(label_smoothing),
+        out,
+        dev_metrics if dev_docs else None,
+        "bleu",
+        label_smoothing=label_smoothing,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup=warmup,
+        eval_every=eval_every,
+        precision=precision,
+        device=device,
+        seed=seed,
+        progress=progress,
     )
-    summary = finetune_summary(result, best)
-    write_text_atomic(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
-    return summary
 
 
 def run_infilling_eval(

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from openglm.tasks.finetuning import finetune_summary, fit_keeping_best
+from openglm.tasks.finetuning import finetune_generation
 from openglm.tasks.lm_eval import Sample, collate, default_mask_id, read_jsonl, two_part_row
 
 logger = logging.getLogger(__name__)
@@ -523,7 +523,6 @@ def finetune_seq2seq(
     """
     from openglm.model import GLMModel
     from openglm.tokenizer import GLMTokenizer
-    from openglm.train.settings import OptimSettings, TrainSettings
 
     out = Path(out_dir)
     tokenizer = GLMTokenizer.from_pretrained(tokenizer_dir or model_dir)
@@ -537,18 +536,6 @@ def finetune_seq2seq(
         for s, t in train_pairs
     ]
     batches = Seq2SeqBatches(samples, batch_size, tokenizer.pad_id, seed)
-    steps = max_steps or max(1, math.ceil(len(batches) * epochs / grad_accum))
-    settings = TrainSettings(
-        max_steps=steps,
-        micro_batch_size=batch_size,
-        grad_accum=grad_accum,
-        precision=precision,
-        device=device,
-        seed=seed,
-        eval_every=eval_every,
-        progress=progress,
-    )
-    optim = OptimSettings(lr=lr, weight_decay=weight_decay, schedule="linear", warmup=warmup)
 
     def dev_metrics(net: nn.Module) -> dict[str, float]:
         return evaluate_seq2seq(
@@ -566,20 +553,27 @@ def finetune_seq2seq(
             mask_token=mask_token,
         )
 
-    result, best = fit_keeping_best(
+    return finetune_generation(
         model,
         tokenizer,
         batches,
-        settings,
-        optim,
-        run_dir=out,
-        evaluate=dev_metrics if dev_pairs else None,
-        key_metric="rougeL",
-        loss_fn=smoothed_loss_fn(label_smoothing),
+        out,
+        dev_metrics if dev_pairs else None,
+        "rougeL",
+        label_smoothing=label_smoothing,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup=warmup,
+        eval_every=eval_every,
+        precision=precision,
+        device=device,
+        seed=seed,
+        progress=progress,
     )
-    summary = finetune_summary(result, best)
-    write_text_atomic(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
-    return summary
 
 
 def run_seq2seq_eval(
