@@ -9,7 +9,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -158,16 +157,7 @@ def encode_classifier_example(
         return ClozeSample(
             r.input_ids, r.position_ids, r.sep, r.loss_mask, label, example.guid, truncated=truncated
         )
-    return ClozeSample(
-        input_ids=np.stack([r.input_ids for r in rows]),
-        position_ids=np.stack([r.position_ids for r in rows]),
-        sep=np.asarray([r.sep for r in rows], dtype=np.int64),
-        loss_mask=np.stack([r.loss_mask for r in rows]),
-        targets=np.stack([r.targets for r in rows]),
-        label=label,
-        uid=example.guid,
-        truncated=truncated,
-    )
+    return ClozeSample.from_rows(rows, label, example.guid, truncated)
 
 
 def classifier_scores(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:

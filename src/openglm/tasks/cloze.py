@@ -303,6 +303,32 @@ class ClozeSample:
     def num_choices(self) -> int:
         return 1 if self.input_ids.ndim == 1 else int(self.input_ids.shape[0])
 
+    @classmethod
+    def from_rows(
+        cls, rows: Sequence[ClozeRow], label: int, uid: str, truncated: bool = False
+    ) -> ClozeSample:
+        """A multi-row sample (one row per choice or answer) from rows of `build_input`.
+
+        Args:
+            rows: the rows, all of one length S.
+            label: index of the gold row (or the example's label index).
+            uid: the example's id.
+            truncated: whether any row lost tokens to the length limit.
+
+        Returns:
+            A sample with `input_ids`/`targets`/`loss_mask` [C, S], `position_ids` [C, 2, S], `sep` [C].
+        """
+        return cls(
+            input_ids=np.stack([r.input_ids for r in rows]),
+            position_ids=np.stack([r.position_ids for r in rows]),
+            sep=np.asarray([r.sep for r in rows], dtype=np.int64),
+            loss_mask=np.stack([r.loss_mask for r in rows]),
+            targets=np.stack([r.targets for r in rows]),
+            label=label,
+            uid=uid,
+            truncated=truncated,
+        )
+
 
 def verbalizer_ids(task: ClozeTask, tokenizer: Tokenizer, pattern_id: int) -> list[int]:
     """Token id of every label word; each must encode to exactly one token (leading spaces matter)."""
@@ -376,16 +402,7 @@ def encode_example(
         tokens_a = [t for ids, _ in a for t in ids]
         tokens_b = [t for ids, _ in b for t in ids] if b else None
         rows.append(build_input(tokens_a, tokens_b, answer_ids, max_len, tokenizer))
-    return ClozeSample(
-        input_ids=np.stack([r.input_ids for r in rows]),
-        position_ids=np.stack([r.position_ids for r in rows]),
-        sep=np.asarray([r.sep for r in rows], dtype=np.int64),
-        loss_mask=np.stack([r.loss_mask for r in rows]),
-        targets=np.stack([r.targets for r in rows]),
-        label=label,
-        uid=example.guid,
-        truncated=truncated,
-    )
+    return ClozeSample.from_rows(rows, label, example.guid, truncated)
 
 
 def filled_pattern_tokens(
