@@ -14,8 +14,9 @@ from typing import Any
 import yaml
 
 from openglm.tasks.cloze import MASK, ClozeTask, Example, Fragment
+from openglm.tasks.jsonl import read_jsonl
 from openglm.tasks.metrics import METRICS
-from openglm.tasks.superglue import read_jsonl, standardize_punctuation
+from openglm.tasks.superglue import standardize_punctuation
 
 MASK_STRING = "[MASK]"
 _KEYS = {

@@ -35,7 +35,7 @@ def read_documents(path: str | os.PathLike, limit: int | None = None) -> list[st
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     if path.suffix == ".jsonl":
-        from openglm.tasks.lm_eval import read_jsonl
+        from openglm.tasks.jsonl import read_jsonl
 
         docs = []
         for n, row in enumerate(read_jsonl(path), 1):

@@ -7,7 +7,6 @@ A *sample* here is a dict of numpy arrays in the official row format (`input_ids
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -20,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from openglm.tasks.jsonl import read_jsonl, row_field
+
 logger = logging.getLogger(__name__)
 
 Sample = dict[str, Any]
@@ -27,32 +28,6 @@ Sample = dict[str, Any]
 
 # ---------------------------------------------------------------------------------------------------------
 # Reading data
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of a jsonl file (blank lines skipped); a bad line raises with its file and line number."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
-
-
-def _field(row: dict[str, Any], name: str, path: Path, n: int) -> Any:
-    if name not in row:
-        raise ValueError(f"{path}: row {n} has no field {name!r} (fields: {sorted(row)})")
-    return row[name]
 
 
 def default_mask_id(tokenizer: Any, kind: str = "generation") -> int:
@@ -75,7 +50,7 @@ def lambada_text(row: dict[str, Any], path: Path = Path("<row>"), n: int = 0) ->
     """The full passage of a LAMBADA row: `{"text"}`, or `{"prompt", "label"}` joined by one space."""
     if "text" in row:
         return str(row["text"])
-    return str(_field(row, "prompt", path, n)) + " " + str(_field(row, "label", path, n))
+    return str(row_field(row, "prompt", path, n)) + " " + str(row_field(row, "label", path, n))
 
 
 def lambada_split(text: str, tokenizer: Any) -> tuple[list[int], list[int]]:
@@ -306,7 +281,7 @@ def read_lm_documents(path: str | os.PathLike, tokenizer: Any, wikitext: bool) -
         raw = path.read_text(encoding="utf-8")
         return [tokenizer.encode(wikitext_detokenize(raw))], count_words(raw)
     if path.suffix == ".jsonl":
-        lines = [str(_field(row, "text", path, n)) for n, row in enumerate(read_jsonl(path), 1)]
+        lines = [str(row_field(row, "text", path, n)) for n, row in enumerate(read_jsonl(path), 1)]
     else:
         lines = path.read_text(encoding="utf-8").splitlines()
     lines = [line for line in lines if line.strip()]
@@ -603,15 +578,15 @@ def evaluate_multichoice(
     owners: list[int] = []
     labels: list[int] = []
     for n, row in enumerate(rows, 1):
-        choices = _field(row, "choices_pretokenized", path, n)
-        label = _field(row, "label", path, n)
+        choices = row_field(row, "choices_pretokenized", path, n)
+        label = row_field(row, "label", path, n)
         if not isinstance(choices, list) or not choices:
             raise ValueError(f"{path}: row {n} field 'choices_pretokenized' must be a non-empty list")
         if not isinstance(label, int) or not 0 <= label < len(choices):
             raise ValueError(
                 f"{path}: row {n} label={label!r} is not an index into its {len(choices)} choices"
             )
-        context = str(_field(row, "inputs_pretokenized", path, n))
+        context = str(row_field(row, "inputs_pretokenized", path, n))
         for s in multichoice_samples(context, choices, tokenizer, unidirectional, seq_length):
             flat.append(s)
             owners.append(n - 1)

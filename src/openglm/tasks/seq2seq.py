@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from openglm.tasks.finetuning import finetune_generation
-from openglm.tasks.lm_eval import Sample, collate, default_mask_id, read_jsonl, two_part_row
+from openglm.tasks.jsonl import read_jsonl
+from openglm.tasks.lm_eval import Sample, collate, default_mask_id, two_part_row
 
 logger = logging.getLogger(__name__)
 

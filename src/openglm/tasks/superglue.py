@@ -5,7 +5,6 @@ words, COPA's mirrored training examples, ReCoRD candidates, the WSC span repair
 
 from __future__ import annotations
 
-import json
 import random
 import string
 from collections.abc import Sequence
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from openglm.tasks.cloze import MASK, ClozeTask, Example, Fragment
+from openglm.tasks.jsonl import read_jsonl, row_field
 
 # Official file names per split (the SuperGLUE release); `dev` is the validation file.
 SPLIT_FILES = {"train": "train.jsonl", "dev": "val.jsonl", "test": "test.jsonl"}
@@ -37,29 +37,6 @@ def remove_final_punctuation(text: str) -> str:
 
 def lowercase_first(text: str) -> str:
     return text[:1].lower() + text[1:]
-
-
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read a jsonl file; a broken line raises ValueError naming the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: invalid JSON ({err.msg})") from None
-    return rows
-
-
-def _field(row: dict[str, Any], name: str, path: Path, n: int) -> Any:
-    if name not in row:
-        raise ValueError(f"{path}: row {n} has no field {name!r} (fields: {sorted(row)})")
-    return row[name]
 
 
 def _bool_label(row: dict[str, Any]) -> str | None:
@@ -118,8 +95,8 @@ class RTE(SuperGLUETask):
             out.append(
                 Example(
                     guid=f"{split}-{idx}",
-                    text_a=standardize_punctuation(_field(row, "premise", path, n)),
-                    text_b=standardize_punctuation(_field(row, "hypothesis", path, n)),
+                    text_a=standardize_punctuation(row_field(row, "premise", path, n)),
+                    text_b=standardize_punctuation(row_field(row, "hypothesis", path, n)),
                     label=row.get("label"),
                     idx=idx,
                 )
@@ -196,8 +173,8 @@ class BoolQ(SuperGLUETask):
             out.append(
                 Example(
                     guid=f"{split}-{idx}",
-                    text_a=standardize_punctuation(_field(row, "passage", path, n)),
-                    text_b=standardize_punctuation(_field(row, "question", path, n)),
+                    text_a=standardize_punctuation(row_field(row, "passage", path, n)),
+                    text_b=standardize_punctuation(row_field(row, "question", path, n)),
                     label=_bool_label(row),
                     idx=idx,
                 )
@@ -244,10 +221,10 @@ class WiC(SuperGLUETask):
             out.append(
                 Example(
                     guid=f"{split}-{idx}",
-                    text_a=standardize_punctuation(_field(row, "sentence1", path, n)),
-                    text_b=standardize_punctuation(_field(row, "sentence2", path, n)),
+                    text_a=standardize_punctuation(row_field(row, "sentence1", path, n)),
+                    text_b=standardize_punctuation(row_field(row, "sentence2", path, n)),
                     label=_bool_label(row),
-                    meta={"word": _field(row, "word", path, n)},
+                    meta={"word": row_field(row, "word", path, n)},
                     idx=idx,
                 )
             )
@@ -298,10 +275,10 @@ class MultiRC(SuperGLUETask):
     def make_examples(self, rows: list[dict[str, Any]], split: str, path: Path) -> list[Example]:
         out = []
         for n, row in enumerate(rows, 1):
-            passage = _field(row, "passage", path, n)
+            passage = row_field(row, "passage", path, n)
             p_idx = row.get("idx", n - 1)
-            text = standardize_punctuation(_field(passage, "text", path, n))
-            for q in _field(passage, "questions", path, n):
+            text = standardize_punctuation(row_field(passage, "text", path, n))
+            for q in row_field(passage, "questions", path, n):
                 q_idx = q["idx"]
                 question = standardize_punctuation(q["question"])
                 for a in q["answers"]:
@@ -357,10 +334,10 @@ class COPA(SuperGLUETask):
         out = []
         for n, row in enumerate(rows, 1):
             idx = row.get("idx", n - 1)
-            meta = {k: _field(row, k, path, n) for k in ("choice1", "choice2", "question")}
+            meta = {k: row_field(row, k, path, n) for k in ("choice1", "choice2", "question")}
             label = row.get("label")
             # COPA is the one reader without punctuation standardisation.
-            out.append(Example(f"{split}-{idx}", _field(row, "premise", path, n), None, label, meta, idx))
+            out.append(Example(f"{split}-{idx}", row_field(row, "premise", path, n), None, label, meta, idx))
         if split == "train":
             # Mirrored copies (choices swapped, label flipped) are appended after the originals (spec D.3).
             mirrors = [
@@ -440,9 +417,9 @@ class WSC(SuperGLUETask):
         out = []
         for n, row in enumerate(rows, 1):
             idx = row.get("idx", n - 1)
-            target = _field(row, "target", path, n)
+            target = row_field(row, "target", path, n)
             label = str(row["label"]) if "label" in row else None
-            words = _field(row, "text", path, n).split()
+            words = row_field(row, "text", path, n).split()
             span1, span2 = target["span1_text"], target["span2_text"]
             i1, i2 = target["span1_index"], target["span2_index"]
             # Some official indices are off by one word: look one word left/right for the span.
@@ -523,11 +500,11 @@ class ReCoRD(SuperGLUETask):
         shuffler = random.Random(self.seed)
         for n, row in enumerate(rows, 1):
             p_idx = row.get("idx", n - 1)
-            passage = _field(row, "passage", path, n)
-            raw = _field(passage, "text", path, n)
+            passage = row_field(row, "passage", path, n)
+            raw = row_field(passage, "text", path, n)
             entities = sorted({raw[e["start"] : e["end"] + 1] for e in passage.get("entities", [])})
             text = standardize_punctuation(raw.replace("@highlight\n", "- "))
-            for q in _field(row, "qas", path, n):
+            for q in row_field(row, "qas", path, n):
                 q_idx = q["idx"]
                 question = standardize_punctuation(q["query"])
                 answers = list(dict.fromkeys(a["text"] for a in q.get("answers", [])))
