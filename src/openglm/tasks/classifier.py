@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from openglm.tasks.cloze import (
     build_input,
     truncate,
 )
+from openglm.tasks.files import write_text_atomic
 
 POOL_TOKENS = ("cls", "start", "pad")
 HEAD_CONFIG = "classifier.json"
@@ -92,7 +92,7 @@ class GLMForSequenceClassification(nn.Module):
         save_file(head, str(tmp))
         os.replace(tmp, directory / HEAD_WEIGHTS)
         meta = {"num_classes": self.num_classes, "pool_token": self.pool_token, "dropout": self.dropout.p}
-        _atomic_text(directory / HEAD_CONFIG, json.dumps(meta, indent=1) + "\n")
+        write_text_atomic(directory / HEAD_CONFIG, json.dumps(meta, indent=1) + "\n")
 
     @classmethod
     def from_pretrained(
@@ -116,13 +116,6 @@ class GLMForSequenceClassification(nn.Module):
 
 def is_classifier_dir(directory: str | os.PathLike) -> bool:
     return (Path(directory) / HEAD_CONFIG).is_file()
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def encode_classifier_example(

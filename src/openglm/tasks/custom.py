@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from openglm.tasks.cloze import MASK, ClozeTask, Example, Fragment
-from openglm.tasks.jsonl import read_jsonl
+from openglm.tasks.files import read_jsonl
 from openglm.tasks.metrics import METRICS
 from openglm.tasks.superglue import standardize_punctuation
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from openglm.parallel import unwrap
+from openglm.tasks.files import write_text_atomic
 
 if TYPE_CHECKING:
     from openglm.train.loop import Batch, FitResult, LossFn
@@ -195,7 +196,7 @@ def finetune_generation(
     Returns:
         `{"step", "train_loss", "dev": best dev metrics ({} without dev data), "best": model directory}`.
     """
-    from openglm.tasks.seq2seq import smoothed_loss_fn, write_text_atomic
+    from openglm.tasks.seq2seq import smoothed_loss_fn
     from openglm.train.settings import OptimSettings, TrainSettings
 
     settings = TrainSettings(

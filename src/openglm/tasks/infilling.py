@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 from torch import Tensor, nn
 
+from openglm.tasks.files import write_text_atomic
 from openglm.tasks.finetuning import finetune_generation
 from openglm.tasks.lm_eval import Sample, collate
-from openglm.tasks.seq2seq import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def read_documents(path: str | os.PathLike, limit: int | None = None) -> list[st
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     if path.suffix == ".jsonl":
-        from openglm.tasks.jsonl import read_jsonl
+        from openglm.tasks.files import read_jsonl
 
         docs = []
         for n, row in enumerate(read_jsonl(path), 1):

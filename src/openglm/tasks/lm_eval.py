@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from openglm.tasks.jsonl import read_jsonl, row_field
+from openglm.tasks.files import read_jsonl, row_field
 
 logger = logging.getLogger(__name__)
 

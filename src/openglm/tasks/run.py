@@ -9,7 +9,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -36,6 +35,7 @@ from openglm.tasks.cloze import (
     encode_example,
     filled_pattern_tokens,
 )
+from openglm.tasks.files import write_text_atomic
 from openglm.tasks.finetuning import BestDev, fit_keeping_best
 from openglm.tasks.metrics import compute_metrics
 from openglm.tasks.superglue import SPLIT_FILES, TASKS, SuperGLUETask, get_task
@@ -427,12 +427,7 @@ def load_model(
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write JSON atomically (temporary file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=1, default=str) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------

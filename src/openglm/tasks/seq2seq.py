@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from openglm.tasks.files import read_jsonl, write_text_atomic
 from openglm.tasks.finetuning import finetune_generation
-from openglm.tasks.jsonl import read_jsonl
 from openglm.tasks.lm_eval import Sample, collate, default_mask_id, two_part_row
 
 logger = logging.getLogger(__name__)
@@ -443,14 +443,6 @@ def evaluate_seq2seq(
         ]
         write_text_atomic(Path(output), "\n".join(rows) + "\n")
     return metrics
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary file next to `path`, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------------

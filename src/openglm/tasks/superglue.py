@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from openglm.tasks.cloze import MASK, ClozeTask, Example, Fragment
-from openglm.tasks.jsonl import read_jsonl, row_field
+from openglm.tasks.files import read_jsonl, row_field
 
 # Official file names per split (the SuperGLUE release); `dev` is the validation file.
 SPLIT_FILES = {"train": "train.jsonl", "dev": "val.jsonl", "test": "test.jsonl"}
