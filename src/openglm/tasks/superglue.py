@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import random
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,43 @@ def lowercase_first(text: str) -> str:
 
 def _bool_label(row: dict[str, Any]) -> str | None:
     return str(row["label"]).lower() if "label" in row else None
+
+
+def text_pair_examples(
+    rows: list[dict[str, Any]],
+    split: str,
+    path: Path,
+    fields: tuple[str, str],
+    label: Callable[[dict[str, Any]], str | None],
+    meta_fields: tuple[str, ...] = (),
+) -> list[Example]:
+    """Examples of a text-pair task (RTE, CB, BoolQ, WiC): two required text fields, punctuation standardised.
+
+    Args:
+        rows: the rows of the split file.
+        split: the split name (goes into the guid `<split>-<idx>`).
+        path: the file, for error messages.
+        fields: the fields of `text_a` and `text_b`.
+        label: `row -> raw label` (None when unlabelled).
+        meta_fields: required fields copied into `meta`.
+
+    Returns:
+        One `Example` per row, `idx` from the row (its position when absent).
+    """
+    out = []
+    for n, row in enumerate(rows, 1):
+        idx = row.get("idx", n - 1)
+        out.append(
+            Example(
+                guid=f"{split}-{idx}",
+                text_a=standardize_punctuation(row_field(row, fields[0], path, n)),
+                text_b=standardize_punctuation(row_field(row, fields[1], path, n)),
+                label=label(row),
+                meta={name: row_field(row, name, path, n) for name in meta_fields},
+                idx=idx,
+            )
+        )
+    return out
 
 
 @dataclass(frozen=True)
@@ -89,19 +126,7 @@ class RTE(SuperGLUETask):
     tf_question = " True or False?"
 
     def make_examples(self, rows: list[dict[str, Any]], split: str, path: Path) -> list[Example]:
-        out = []
-        for n, row in enumerate(rows, 1):
-            idx = row.get("idx", n - 1)
-            out.append(
-                Example(
-                    guid=f"{split}-{idx}",
-                    text_a=standardize_punctuation(row_field(row, "premise", path, n)),
-                    text_b=standardize_punctuation(row_field(row, "hypothesis", path, n)),
-                    label=row.get("label"),
-                    idx=idx,
-                )
-            )
-        return out
+        return text_pair_examples(rows, split, path, ("premise", "hypothesis"), lambda row: row.get("label"))
 
     def pattern(self, example: Example, pattern_id: int) -> tuple[list[Fragment], list[Fragment]]:
         premise = example.text_a
@@ -167,19 +192,7 @@ class BoolQ(SuperGLUETask):
     defaults = Defaults(epochs=20, epochs_10b=24)
 
     def make_examples(self, rows: list[dict[str, Any]], split: str, path: Path) -> list[Example]:
-        out = []
-        for n, row in enumerate(rows, 1):
-            idx = row.get("idx", n - 1)
-            out.append(
-                Example(
-                    guid=f"{split}-{idx}",
-                    text_a=standardize_punctuation(row_field(row, "passage", path, n)),
-                    text_b=standardize_punctuation(row_field(row, "question", path, n)),
-                    label=_bool_label(row),
-                    idx=idx,
-                )
-            )
-        return out
+        return text_pair_examples(rows, split, path, ("passage", "question"), _bool_label)
 
     def pattern(self, example: Example, pattern_id: int) -> tuple[list[Fragment], list[Fragment]]:
         passage, question = Fragment(example.text_a, True), Fragment(" " + (example.text_b or ""), True)
@@ -215,20 +228,9 @@ class WiC(SuperGLUETask):
     defaults = Defaults(epochs=30, epochs_10b=40)
 
     def make_examples(self, rows: list[dict[str, Any]], split: str, path: Path) -> list[Example]:
-        out = []
-        for n, row in enumerate(rows, 1):
-            idx = row.get("idx", n - 1)
-            out.append(
-                Example(
-                    guid=f"{split}-{idx}",
-                    text_a=standardize_punctuation(row_field(row, "sentence1", path, n)),
-                    text_b=standardize_punctuation(row_field(row, "sentence2", path, n)),
-                    label=_bool_label(row),
-                    meta={"word": row_field(row, "word", path, n)},
-                    idx=idx,
-                )
-            )
-        return out
+        return text_pair_examples(
+            rows, split, path, ("sentence1", "sentence2"), _bool_label, meta_fields=("word",)
+        )
 
     def pattern(self, example: Example, pattern_id: int) -> tuple[list[Fragment], list[Fragment]]:
         s1, s2, word = example.text_a, example.text_b or "", example.meta["word"]
