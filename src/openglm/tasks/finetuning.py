@@ -1,5 +1,5 @@
 """Fine-tuning with the shared training loop while keeping the model of the best dev evaluation (spec D.2-D.8):
-the selection rule common to classification, seq2seq and text-infilling fine-tuning.
+the selection rule shared by classification, seq2seq and text-infilling fine-tuning, and the generation run settings.
 """
 
 from __future__ import annotations
