@@ -123,19 +123,26 @@ def main() -> None:
     steps = 1 if args.quick else 3
     new_tokens = 8 if args.quick else 32
 
-    fp32_peak, bf16_peak = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
+    fp32_peak = matmul_peak(torch.float32)
+    bf16_peak = matmul_peak(torch.bfloat16, n=512, reps=2)
+    # CPUs without native bf16 (AVX2 only) emulate it ~100x slower than fp32: bf16 rows would take hours there.
+    native_bf16 = bf16_peak > 0.25 * fp32_peak
+    if native_bf16:
+        bf16_peak = matmul_peak(torch.bfloat16)
     print(
-        f"threads={torch.get_num_threads()}  matmul peak: fp32 {fp32_peak:.0f} GFLOP/s, bf16 {bf16_peak:.0f} GFLOP/s\n"
+        f"threads={torch.get_num_threads()}  cpu={torch.backends.cpu.get_cpu_capability()}  matmul peak: "
+        f"fp32 {fp32_peak:.0f} GFLOP/s, bf16 {bf16_peak:.1f} GFLOP/s"
+        + ("" if native_bf16 else "  (no native bf16 on this CPU: bf16 rows skipped)")
+        + "\n"
     )
 
     base, small = GLMConfig.from_name("glm-base"), GLMConfig.from_name("small")
     rows = []
     for name, cfg, batch, length in (("glm-base", base, 4, 512), ("small", small, 8, 256)):
-        for label, bf16, sel in (
-            ("fp32", False, False),
-            ("bf16 autocast", True, False),
-            ("bf16 + loss-only logits", True, True),
-        ):
+        modes = [("fp32", False, False), ("fp32 + loss-only logits", False, True)]
+        if native_bf16:
+            modes += [("bf16 autocast", True, False), ("bf16 + loss-only logits", True, True)]
+        for label, bf16, sel in modes:
             tps = train_throughput(cfg, batch, length, bf16, sel, steps)
             peak = bf16_peak if bf16 else fp32_peak
             target = f">= {TARGET_TRAIN_BF16:.0f}" if name == "glm-base" and bf16 else ""
@@ -152,7 +159,7 @@ def main() -> None:
             )
     for batch in (1, 8):
         full = decode_throughput(base, batch, 512, max(2, new_tokens // 4), cached=False, dtype=torch.float32)
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in (torch.float32, torch.bfloat16) if native_bf16 else (torch.float32,):
             tps = decode_throughput(base, batch, 512, new_tokens, cached=True, dtype=dtype)
             label = f"kv cache {str(dtype).split('.')[-1]} ({tps / full:.1f}x full recompute)"
             rows.append(
