@@ -6,7 +6,6 @@ the vocabulary fits, else uint32) with a document index (`shard-NNNNN.idx.npy`, 
 from __future__ import annotations
 
 import collections
-import glob
 import gzip
 import io
 import json
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
+from openglm.corpus import corpus_files
 
 log = logging.getLogger(__name__)
 
@@ -147,29 +148,6 @@ class InputReport:
         if len(self.examples) < 10:
             self.examples.append(f"{where}: {kind}")
         log.debug("skipped %s: %s", where, kind)
-
-
-def expand_inputs(inputs: Sequence[str | Path], pattern: str = "*") -> list[Path]:
-    """Files named by `inputs`: files, directories (searched recursively for `pattern`) and globs."""
-    files: list[Path] = []
-    for item in inputs:
-        text = str(item)
-        path = Path(text)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob(pattern) if p.is_file() and not p.name.startswith("."))
-            if not found:
-                raise FileNotFoundError(f"{path}: no files matching {pattern!r} in this directory")
-            files += found
-        elif path.is_file():
-            files.append(path)
-        elif any(ch in text for ch in "*?["):
-            found = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
-            if not found:
-                raise FileNotFoundError(f"{text}: no files match this pattern")
-            files += found
-        else:
-            raise FileNotFoundError(f"{text}: no such file or directory")
-    return files
 
 
 def _open_binary(path: Path) -> io.BufferedIOBase:
@@ -418,7 +396,7 @@ def prepare_corpus(
         raise FileNotFoundError(f"{tokenizer}: no such tokenizer directory")
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
-    files = expand_inputs([input] if isinstance(input, str) else input, pattern)
+    files = corpus_files([input] if isinstance(input, str) else input, pattern)
     tok = _load_tokenizer(str(tokenizer))
     vocab = int(getattr(tok, "vocab_size", 0) or 0)
     dtype = np.dtype(np.uint16) if 0 < vocab <= 1 << 16 else np.dtype(np.uint32)

@@ -4,54 +4,18 @@ special tokens appended after the learned vocabulary, saved so that `GLMTokenize
 from __future__ import annotations
 
 import codecs
-import glob
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+from openglm.corpus import corpus_files
 from openglm.tokenizer.glm import _LSTRIP_TOKENS, GLM_SPECIAL_TOKENS, GLMTokenizer
 
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20  # bytes read per step
 _BATCH = 1000  # lines handed to the trainer per step
-
-
-def corpus_files(corpus: Sequence[str | os.PathLike]) -> list[Path]:
-    """Expand files, directories (every non-hidden file below, sorted) and glob patterns into a file list.
-
-    Args:
-        corpus: paths, directories or glob patterns (`**` recurses).
-
-    Returns:
-        The files, in the order given (each directory and pattern sorted).
-    """
-    files: list[Path] = []
-    for item in corpus:
-        text = os.fspath(item)
-        path = Path(text)
-        if path.is_file():
-            files.append(path)
-        elif path.is_dir():
-            found = sorted(
-                p
-                for p in path.rglob("*")
-                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
-            if not found:
-                raise FileNotFoundError(f"corpus directory has no files: {path}")
-            files += found
-        elif glob.has_magic(text):
-            found = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
-            if not found:
-                raise FileNotFoundError(f"corpus pattern matched no files: {text}")
-            files += found
-        else:
-            raise FileNotFoundError(f"corpus file not found: {text}")
-    if not files:
-        raise ValueError("corpus: no input files given")
-    return files
 
 
 def iter_lines(files: Sequence[Path], progress: bool = False) -> Iterator[list[str]]:
