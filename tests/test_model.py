@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from tests.conftest import reference_dir
 
-from openglm import GLMConfig, GLMModel
+from openglm import GLMConfig, GLMModel, KVCache
 from openglm.model import build_attention_mask
 
 ATOL = 1e-4
@@ -183,3 +183,13 @@ def test_deepnorm_bounded_update_at_depth():
     assert deep < 3 * shallow  # bounded as depth grows 8x
     plain_post_ln = update_size("deepnorm", 32, alpha=1.0, beta=1.0)  # post-LN without DeepNorm
     assert deep < 0.5 * plain_post_ln
+
+
+def test_cache_reorder_copies_only_positions_from_start():
+    cache = KVCache(1)
+    k = torch.arange(2 * 1 * 4 * 1, dtype=torch.float32).view(2, 1, 4, 1)
+    cache.append(0, k, k.clone())
+    cache.commit()
+    cache.reorder_(torch.tensor([1, 1]), start=2)
+    keys = cache.keys[0][:, :, : cache.length, 0]
+    assert keys.tolist() == [[[0.0, 1.0, 6.0, 7.0]], [[4.0, 5.0, 6.0, 7.0]]]

@@ -76,6 +76,16 @@ class KVCache:
                 out.values[i] = v[:, :, : self.length].index_select(0, index)
         return out
 
+    def reorder_(self, index: Tensor, start: int = 0) -> None:
+        """In place, row i takes the positions `start:` of row `index[i]` (beam search). Positions before
+        `start` must already agree between those rows, so only the newer ones are copied."""
+        if self.length <= start:
+            return
+        for buffers in (self.keys, self.values):
+            for buf in buffers:
+                if buf is not None:
+                    buf[:, :, start : self.length] = buf[:, :, start : self.length].index_select(0, index)
+
     def keep_last(self, n: int) -> None:
         """Drop all but the last `n` positions (the official interactive memory cap, spec A.8)."""
         if n >= self.length:

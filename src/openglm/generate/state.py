@@ -127,12 +127,7 @@ class DecodeState:
         """
         index = index.to(self.device)
         lo = max(start - self.offset, 0)
-        hi = self.cache.length
-        if hi > lo:
-            for buffers in (self.cache.keys, self.cache.values):
-                for layer, buf in enumerate(buffers):
-                    if buf is not None:
-                        buffers[layer][:, :, lo:hi] = buf[:, :, lo:hi].index_select(0, index)
+        self.cache.reorder_(index, lo)
         self.keymask[:, lo:] = self.keymask[:, lo:].index_select(0, index)
 
     def _maybe_trim(self) -> None:
