@@ -367,12 +367,10 @@ class GLMModel(nn.Module):
             dtype: cast the weights to this dtype (default: keep float32).
             device: where to build the model.
         """
-        from openglm.convert import load_checkpoint
+        from openglm.convert import apply_state_dict, load_checkpoint
 
         cfg, state = load_checkpoint(Path(path), config)
         model = cls(cfg)
-        from openglm.convert import apply_state_dict
-
         apply_state_dict(model, state, source=str(path))
         if dtype is not None:
             model = model.to(dtype)
