@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from openglm.atomic import write_text_atomic
 from openglm.config import GLMConfig
 from openglm.model import GLMModel
-from openglm.tasks.files import read_jsonl, row_field, write_text_atomic
+from openglm.tasks.files import read_jsonl, row_field
 from openglm.tasks.finetuning import BestDev, fit_keeping_best
 from openglm.train.settings import OptimSettings, TrainSettings
 from openglm.train.synthetic import SyntheticBatches

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from openglm.atomic import write_text_atomic
+
 ACTIVATIONS = ("gelu_tanh", "gelu_erf")
 NORM_SCHEMES = ("pre_ln", "deepnorm")
 
@@ -168,10 +170,7 @@ class GLMConfig:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the config as JSON atomically (temp file, then rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> GLMConfig:

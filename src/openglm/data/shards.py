@@ -12,7 +12,6 @@ import json
 import logging
 import multiprocessing
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from openglm.atomic import write_bytes_atomic
 from openglm.corpus import corpus_files
 
 log = logging.getLogger(__name__)
@@ -228,13 +228,6 @@ def iter_documents(
 # Writing shards
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.replace(tmp, path)
-
-
 class ShardWriter:
     """Appends tokenized documents to size-capped shards; `close()` writes the manifest last."""
 
@@ -274,7 +267,7 @@ class ShardWriter:
         name = f"shard-{len(self.shards):05d}"
         index = io.BytesIO()
         np.save(index, np.asarray(self._offsets, dtype=np.int64))
-        _atomic_write_bytes(self.out / f"{name}.idx.npy", index.getvalue())
+        write_bytes_atomic(self.out / f"{name}.idx.npy", index.getvalue())
         os.replace(self._tmp, self.out / f"{name}.bin")
         self.shards.append(
             {
@@ -295,7 +288,7 @@ class ShardWriter:
             "shards": self.shards,
             **self.meta,
         }
-        _atomic_write_bytes(self.out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+        write_bytes_atomic(self.out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
         return manifest
 
     def abort(self) -> None:

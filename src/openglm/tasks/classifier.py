@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from openglm.atomic import write_text_atomic
 from openglm.model import GLMModel
 from openglm.tasks.cloze import (
     PADDED_CHOICE_SCORE,
@@ -22,7 +23,6 @@ from openglm.tasks.cloze import (
     build_input,
     truncate,
 )
-from openglm.tasks.files import write_text_atomic
 
 POOL_TOKENS = ("cls", "start", "pad")
 HEAD_CONFIG = "classifier.json"

@@ -55,23 +55,3 @@ def row_field(row: dict[str, Any], name: str, path: str | os.PathLike, n: int) -
     if name not in row:
         raise ValueError(f"{path}: row {n} has no field {name!r} (fields: {sorted(row)})")
     return row[name]
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write `text` (UTF-8) to a temporary file next to `path`, then rename it over `path`.
-
-    Readers never see a partial file; the temporary name is unique per process, so concurrent writers do not
-    clobber each other's temporary file.
-
-    Args:
-        path: the destination (its directory is created when missing).
-        text: the full contents.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from openglm.atomic import write_text_atomic
 from openglm.parallel import unwrap
-from openglm.tasks.files import write_text_atomic
 
 if TYPE_CHECKING:
     from openglm.train.loop import Batch, FitResult, LossFn

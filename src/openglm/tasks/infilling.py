@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor, nn
 
-from openglm.tasks.files import write_text_atomic
+from openglm.atomic import write_text_atomic
 from openglm.tasks.finetuning import finetune_generation
 from openglm.tasks.lm_eval import Sample, collate
 

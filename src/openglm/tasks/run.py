@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from openglm.atomic import write_text_atomic
 from openglm.tasks.classifier import (
     GLMForSequenceClassification,
     classifier_scores,
@@ -35,7 +36,6 @@ from openglm.tasks.cloze import (
     encode_example,
     filled_pattern_tokens,
 )
-from openglm.tasks.files import write_text_atomic
 from openglm.tasks.finetuning import BestDev, fit_keeping_best
 from openglm.tasks.metrics import compute_metrics
 from openglm.tasks.superglue import SPLIT_FILES, TASKS, SuperGLUETask, get_task

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from openglm.tasks.files import read_jsonl, write_text_atomic
+from openglm.atomic import write_text_atomic
+from openglm.tasks.files import read_jsonl
 from openglm.tasks.finetuning import finetune_generation
 from openglm.tasks.lm_eval import Sample, collate, default_mask_id, two_part_row
 

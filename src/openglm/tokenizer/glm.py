@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from openglm.atomic import write_bytes_atomic
 from openglm.config import pad_vocab_size
 
 KINDS = ("bert", "gpt2", "roberta", "chinese-sp", "chinese-sp-fix", "bpe")
@@ -103,18 +103,6 @@ def _read(path: Path, what: str) -> bytes:
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     return path.read_bytes()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; saved tokenizers are ordinary shareable files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -562,7 +550,7 @@ class GLMTokenizer:
         root = Path(path)
         root.mkdir(parents=True, exist_ok=True)
         for name, data in self._files.items():
-            _atomic_write(root / name, data)
+            write_bytes_atomic(root / name, data)
         cfg = {
             "format": FORMAT,
             "version": 1,
@@ -572,7 +560,9 @@ class GLMTokenizer:
             "vocab_size": self.vocab_size,
             "command_tokens": [asdict(c) for c in self._commands],
         }
-        _atomic_write(root / CONFIG_FILE, (json.dumps(cfg, indent=1, ensure_ascii=False) + "\n").encode())
+        write_bytes_atomic(
+            root / CONFIG_FILE, (json.dumps(cfg, indent=1, ensure_ascii=False) + "\n").encode()
+        )
 
     # -- encoding -----------------------------------------------------------------------------------------
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from openglm.atomic import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 DEFAULT_RECIPE = "configs/pretrain/tiny.yaml"
@@ -86,10 +88,7 @@ def export_shakespeare(out: str | os.PathLike) -> Path:
         if scene:
             scenes.append("\n".join(scene))
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("\n\n".join(s for s in scenes if s.strip()) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
+    write_text_atomic(out, "\n\n".join(s for s in scenes if s.strip()) + "\n")
     log.info("exported %d scenes of %d plays to %s", len(scenes), len(plays), out)
     return out
 

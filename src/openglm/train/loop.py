@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from openglm import parallel
+from openglm.atomic import write_text_atomic
 from openglm.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -210,9 +211,7 @@ class _Metrics:
                 for ln in path.read_text().splitlines()
                 if ln.strip() and json.loads(ln)["step"] <= resume_step
             ]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(ln + "\n" for ln in kept))
-            os.replace(tmp, path)
+            write_text_atomic(path, "".join(ln + "\n" for ln in kept))
         elif resume_step is None and path.exists():
             path.unlink()
         self.file = path.open("a")

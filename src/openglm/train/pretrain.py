@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from openglm import parallel
+from openglm.atomic import write_text_atomic
 from openglm.blank_infilling import ObjectiveConfig
 from openglm.config import GLMConfig, pad_vocab_size
 from openglm.model import GLMModel
@@ -159,9 +160,7 @@ def _pretrain(
             "optim": asdict(optim),
             "world_size": env.world_size,
         }
-        tmp = out_dir / "run.json.tmp"
-        tmp.write_text(json.dumps(settings, indent=2) + "\n")
-        os.replace(tmp, out_dir / "run.json")
+        write_text_atomic(out_dir / "run.json", json.dumps(settings, indent=2) + "\n")
         log.info(
             "GLM %.2fM parameters, %d rank(s), global batch %d x %d tokens",
             config.num_parameters() / 1e6,
