@@ -1,5 +1,4 @@
-"""Task files (spec D): reading jsonl data rows, with bad lines and missing fields reported by file and line,
-and writing outputs (metrics, predictions) atomically."""
+"""Task files (spec D): reading jsonl data rows, with bad lines and missing fields reported by file and line."""
 
 from __future__ import annotations
 
