@@ -109,7 +109,7 @@ def time_bare_step(model: GLMModel, rows: int, context: int, device, reps: int =
         model(ids, pos, attention_mask=0, cache=cache, logits_mask=select)
         _sync(device)
         best = min(best, time.perf_counter() - start)
-        cache.length = context  # drop the token again: every rep sees the same cache
+        cache.truncate(context)  # drop the token again: every rep sees the same cache
     return best
 
 

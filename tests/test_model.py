@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from tests.conftest import reference_dir
 
 from openglm import GLMConfig, GLMModel, KVCache
-from openglm.model import build_attention_mask
+from openglm.model import build_attention_mask, linear
 
 ATOL = 1e-4
 
@@ -193,3 +193,35 @@ def test_cache_reorder_copies_only_positions_from_start():
     cache.reorder_(torch.tensor([1, 1]), start=2)
     keys = cache.keys[0][:, :, : cache.length, 0]
     assert keys.tolist() == [[[0.0, 1.0, 6.0, 7.0]], [[4.0, 5.0, 6.0, 7.0]]]
+
+
+def test_cache_truncate_keeps_buffers_and_refuses_growth():
+    cache = KVCache(1)
+    k = torch.randn(1, 2, 5, 4)
+    cache.append(0, k, k)
+    cache.commit()
+    buffer = cache.keys[0]
+    cache.truncate(3)
+    assert cache.length == 3
+    cache.append(0, k[:, :, :1], k[:, :, :1])
+    cache.commit()
+    assert cache.keys[0] is buffer and cache.length == 4
+    with pytest.raises(ValueError, match="truncate"):
+        cache.truncate(9)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 8, 64, 65])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_few_rows_linear_equals_f_linear_with_gradients(rows, with_bias):
+    torch.manual_seed(rows)
+    x = torch.randn(rows, 1, 24, requires_grad=True)  # (B, T, C) with B*T = rows
+    weight = torch.randn(40, 24, requires_grad=True)
+    bias = torch.randn(40, requires_grad=True) if with_bias else None
+    out = linear(x, weight, bias)
+    expected = torch.nn.functional.linear(x, weight, bias)
+    assert out.shape == expected.shape and out.is_contiguous()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), [x, weight] + ([bias] if with_bias else []))
+    wanted = torch.autograd.grad(expected.square().sum(), [x, weight] + ([bias] if with_bias else []))
+    for got, want in zip(grads, wanted, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
