@@ -506,3 +506,39 @@ def test_tokenizer_without_block_symbols_is_refused() -> None:
     tokenizer = GLMTokenizer.from_files("bert", vocab, block_symbols=False)
     with pytest.raises(ValueError, match="block symbols"):
         fill_blanks(_tiny_model(), tokenizer, "a [MASK] b")
+
+
+def test_beam_search_drops_finished_texts_and_still_equals_one_at_a_time() -> None:
+    """Texts whose beam search ends early leave the batch mid-blank; the others decode as they would alone."""
+    model = _tiny_model(4)
+    early = {3, 8}  # blanks at these positions: <|endofpiece|> wins from the third token on
+
+    def rig(_module, args, kwargs, output):
+        position_ids, select = args[1], kwargs["logits_mask"]
+        if select.size(1) == 1 and position_ids.dim() == 3:
+            rows = position_ids[:, :, -1][select[:, -1]]  # (N, 2) position, block position of each logit row
+            favour = torch.tensor([int(p) in early and int(b) >= 3 for p, b in rows.tolist()])
+            output.logits[favour, SPECIAL.eop] += 100.0
+        return output
+
+    config = GenerationConfig(max_length=8, min_length=1, num_beams=3)
+    batch_rows: list[int] = []
+    hooks = [
+        model.register_forward_hook(rig, with_kwargs=True),
+        model.register_forward_hook(lambda _m, inputs, _o: batch_rows.append(inputs[0].shape[0])),
+    ]
+    try:
+        batched = fill_blank_ids(model, TEXTS, MASKS, SPECIAL, config)
+        alone = [
+            fill_blank_ids(model, [c], [m], SPECIAL, config)[0] for c, m in zip(TEXTS, MASKS, strict=True)
+        ]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    first_round = batch_rows[1 : 1 + config.max_length]  # after the prefill: the first blank of every text
+    # The rigged texts end at the third step: from the fourth step on, 2 texts x 3 beams.
+    assert first_round[:4] == [3 * len(TEXTS)] * 3 + [3 * 2]
+    assert _ids(batched) == _ids(alone)
+    assert [b.score for row in batched for b in row] == pytest.approx(
+        [b.score for row in alone for b in row], abs=1e-4
+    )

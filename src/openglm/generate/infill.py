@@ -272,35 +272,48 @@ def _beam_round(
     hyps = [BeamHypotheses(K, config.length_penalty) for _ in range(n)]
     done = [False] * n
     histories: list[list[int]] = [[] for _ in range(n * K)]
+    alive = list(range(n))  # the texts whose K rows the beam state holds, in row order
     for t in range(config.max_length):
-        real = [not done[row // K] for row in range(n * K)]
+        live = [b for b in alive if not done[b]]
+        if len(live) <= len(alive) // 2:
+            # Most texts are finished: drop their rows so that steps stop computing them.
+            keep = [a * K + j for a, b in enumerate(alive) if not done[b] for j in range(K)]
+            beams = beams.expand(torch.tensor(keep))
+            beam_scores = beam_scores[torch.tensor(keep, device=beam_scores.device)]
+            histories = [histories[row] for row in keep]
+            alive = live
+        text = [alive[row // K] for row in range(len(alive) * K)]  # the text of each beam row
+        real = [not done[b] for b in text]
         tokens = [special.sop if t == 0 else h[-1] for h in histories]
-        pos = [positions[row // K] for row in range(n * K)]
-        block = [t + 1] * (n * K)
-        logits = _feed_one(beams, tokens, pos, block, real).float()
-        scores = logits.new_zeros(n * K, logits.size(-1))
-        live = torch.tensor(real, device=logits.device)
-        scores[live] = F.log_softmax(logits, dim=-1)
+        logits = _feed_one(beams, tokens, [positions[b] for b in text], [t + 1] * len(text), real).float()
+        scores = logits.new_zeros(len(text), logits.size(-1))
+        scores[torch.tensor(real, device=logits.device)] = F.log_softmax(logits, dim=-1)
         if config.repetition_penalty != 1.0:
             penalize_repetition(
                 scores,
-                [histories_before[row // K] + h for row, h in enumerate(histories)],
+                [histories_before[b] + h for b, h in zip(text, histories, strict=True)],
                 config.repetition_penalty,
             )
-        ban_until_min_length(scores, [t] * (n * K), config.min_length, stop_ids)
+        ban_until_min_length(scores, [t] * len(text), config.min_length, stop_ids)
         ban_repeated_ngrams(scores, histories, config.no_repeat_ngram_size)
         ban_beyond_vocab(scores, config.vocab_limit)
-        beam_scores, next_tokens, src = beam_step(scores, beam_scores, hyps, done, histories, stop_ids, K)
+        alive_done = [done[b] for b in alive]
+        beam_scores, next_tokens, src = beam_step(
+            scores, beam_scores, [hyps[b] for b in alive], alive_done, histories, stop_ids, K
+        )
+        for b, flag in zip(alive, alive_done, strict=True):
+            done[b] = flag
         beams.reorder(src, start)
         src_list, tok_list = src.tolist(), next_tokens.tolist()
         histories = [histories[s] + [tok] for s, tok in zip(src_list, tok_list, strict=True)]
         if all(done):
             break
-    results = []
-    for b in range(n):
+    for a, b in enumerate(alive):  # texts still searching at max_length keep their open beams
         if not done[b]:
             for j in range(K):
-                hyps[b].add(histories[b * K + j], float(beam_scores[b * K + j]))
+                hyps[b].add(histories[a * K + j], float(beam_scores[a * K + j]))
+    results = []
+    for b in range(n):
         score, tokens, end = hyps[b].best()
         results.append((tokens, "max_length" if end is None else "end_token", end, score))
     return results
