@@ -333,3 +333,44 @@ def test_resumed_finetune_continues_the_step_count_and_keeps_the_best(tiny_dir: 
     assert report2["best_step"] == next(
         step for step, v in dev if v == best_value
     )  # first step reaching the best
+
+
+def test_lora_finetune_from_the_cli_keeps_a_plain_merged_model(tiny_dir: Path, tmp_path: Path) -> None:
+    from openglm.cli import main
+
+    _write_data(tmp_path / "data")
+    task = _task_yaml(tmp_path, CLOZE_YAML)
+    out = tmp_path / "lora"
+    main(
+        ["finetune", "--task", str(task), "--model", str(tiny_dir), "--out_dir", str(out),
+         "--train.max_steps", "24", "--train.batch_size", "8", "--train.lr", "1e-2", "--train.warmup", "0",
+         "--train.progress", "false", "--train.device", "cpu",
+         "--train.lora_rank", "4", "--train.lora_targets", "[query_key_value, dense_4h_to_h]"]
+    )  # fmt: skip
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["train"]["lora_rank"] == 4
+    pretrained, tuned = (
+        GLMModel.from_pretrained(tiny_dir).state_dict(),
+        GLMModel.from_pretrained(out / "best").state_dict(),
+    )
+    changed = {k for k in pretrained if not torch.equal(pretrained[k], tuned[k])}
+    assert changed == {
+        f"transformer.layers.{i}.{name}.weight"
+        for i in range(2)
+        for name in ("attention.query_key_value", "mlp.dense_4h_to_h")
+    }
+    with pytest.raises(SystemExit) as exc:
+        main(
+            [
+                "finetune",
+                "--task",
+                str(task),
+                "--model",
+                str(tiny_dir),
+                "--out_dir",
+                str(out),
+                "--train.lora_rank",
+                "-1",
+            ]
+        )
+    assert exc.value.code == 2

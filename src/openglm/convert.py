@@ -280,10 +280,15 @@ def apply_state_dict(model: torch.nn.Module, state: Mapping[str, Tensor], source
 
 
 def save_checkpoint(model: torch.nn.Module, directory: str | os.PathLike) -> None:
-    """Write `model.safetensors` and `config.json` into `directory`, each through a temp file and a rename."""
+    """Write `model.safetensors` and `config.json` into `directory`, each through a temp file and a rename.
+
+    LoRA adapters are merged into the weights they adapt, so the directory always holds a plain GLM.
+    """
+    from openglm.lora import merged_state_dict
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in merged_state_dict(model).items()}
     tmp = directory / (WEIGHTS_NAME + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, directory / WEIGHTS_NAME)

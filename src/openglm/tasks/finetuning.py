@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from openglm.atomic import write_text_atomic
+from openglm.lora import LoRASettings, add_lora, trainable_summary
 from openglm.parallel import unwrap
 
 if TYPE_CHECKING:
@@ -85,6 +86,7 @@ def fit_keeping_best(
     best: BestDev | None = None,
     step_fn: Callable[[], int] | None = None,
     metric_prefix: str = "",
+    lora: LoRASettings | None = None,
 ) -> tuple[FitResult, BestDev]:
     """Train with `fit`, saving model + tokenizer to the best directory whenever dev `key_metric` improves.
 
@@ -107,11 +109,17 @@ def fit_keeping_best(
         best: the best evaluation so far (e.g. restored on resume); default: none yet.
         step_fn: `() -> step` recorded with a new best (default: no step recorded).
         metric_prefix: prefix of the metric names returned to `fit` (what metrics.jsonl records).
+        lora: train LoRA adapters on the frozen GLM (added to `model` in place) instead of every weight;
+            the kept models have the adapters merged in. None: full fine-tuning.
 
     Returns:
         `fit`'s result and the best dev evaluation.
     """
     from openglm.train.loop import fit
+
+    if lora is not None:
+        adapted = add_lora(model, lora)
+        logger.info("LoRA rank %d on %d layers: %s", lora.rank, adapted, trainable_summary(model))
 
     out = Path(run_dir)
     best = best if best is not None else BestDev(out / "best")
@@ -168,6 +176,7 @@ def finetune_generation(
     device: str,
     seed: int,
     progress: bool,
+    lora: LoRASettings | None = None,
 ) -> dict[str, Any]:
     """Fine-tune for generation (seq2seq, text infilling) with the label-smoothed loss and the official linear
     schedule, keep the best dev model in `out_dir/best` and write the summary to `out_dir/metrics.json`.
@@ -192,6 +201,7 @@ def finetune_generation(
         device: `auto`, `cpu`, `cuda`, ...
         seed: seed of initialisation, dropout and data order.
         progress: show progress bars.
+        lora: train LoRA adapters instead of every weight (None: full fine-tuning).
 
     Returns:
         `{"step", "train_loss", "dev": best dev metrics ({} without dev data), "best": model directory}`.
@@ -220,6 +230,7 @@ def finetune_generation(
         evaluate=evaluate,
         key_metric=key_metric,
         loss_fn=smoothed_loss_fn(label_smoothing),
+        lora=lora,
     )
     summary = {
         "step": result.step,

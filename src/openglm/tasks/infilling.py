@@ -17,6 +17,7 @@ import numpy as np
 from torch import Tensor, nn
 
 from openglm.atomic import write_text_atomic
+from openglm.lora import LoRASettings
 from openglm.tasks.finetuning import finetune_generation
 from openglm.tasks.lm_eval import Sample, collate
 
@@ -328,6 +329,7 @@ def finetune_infilling(
     device: str = "auto",
     seed: int = 1234,
     progress: bool = True,
+    lora: LoRASettings | None = None,
 ) -> dict[str, Any]:
     """Fine-tune a GLM for text infilling with the shared training loop, then score BLEU on dev (spec D.8).
 
@@ -358,6 +360,7 @@ def finetune_infilling(
         device: `auto`, `cpu`, `cuda`, ...
         seed: seed of initialisation, dropout, blanks and data order.
         progress: show progress bars.
+        lora: train LoRA adapters on the frozen GLM instead of every weight (None: full fine-tuning).
 
     Returns:
         `{"step", "train_loss", "dev": {...}, "best": path}`.
@@ -409,6 +412,7 @@ def finetune_infilling(
         device=device,
         seed=seed,
         progress=progress,
+        lora=lora,
     )
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from openglm.atomic import write_text_atomic
+from openglm.lora import ALL_TARGETS, LoRASettings
 from openglm.tasks.classifier import (
     GLMForSequenceClassification,
     classifier_scores,
@@ -121,6 +122,12 @@ class FinetuneSettings:
         block_lm_ratio: rho of the block-LM regularisation (spec D.10, cloze mode): a step is, with
             probability rho / (1 + rho), a blank-infilling batch of the training examples with the answer
             filled into the pattern. 0 turns it off (default).
+        lora_rank: > 0 trains LoRA adapters of this rank on a frozen GLM instead of every weight (a
+            classifier head still trains fully); the kept model has the adapters merged in. 0: full
+            fine-tuning (default, as officially).
+        lora_alpha: LoRA scale numerator (updates are scaled by alpha / rank).
+        lora_dropout: dropout on the adapters' input.
+        lora_targets: the linear layers that get adapters (default all four of every block).
     """
 
     recipe: str = "large"
@@ -142,8 +149,15 @@ class FinetuneSettings:
     resume: bool = False
     progress: bool = True
     block_lm_ratio: float = 0.0
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ALL_TARGETS
 
     def __post_init__(self) -> None:
+        if self.lora_rank < 0:
+            raise ValueError(f"train.lora_rank={self.lora_rank!r} must be >= 0 (0 = full fine-tuning)")
+        self.lora()  # validates the other LoRA settings
         if self.block_lm_ratio < 0:
             raise ValueError(f"train.block_lm_ratio={self.block_lm_ratio!r} must be >= 0")
         if self.recipe not in RECIPES:
@@ -152,6 +166,12 @@ class FinetuneSettings:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"train.{name}={value!r} must be positive")
+
+    def lora(self) -> LoRASettings | None:
+        """The LoRA settings, or None for full fine-tuning."""
+        if not self.lora_rank:
+            return None
+        return LoRASettings(self.lora_rank, self.lora_alpha, self.lora_dropout, tuple(self.lora_targets))
 
 
 # Shared defaults of the entry points; the dataclasses are frozen, so sharing one instance is safe.
@@ -566,6 +586,7 @@ def finetune(
         best=best,
         step_fn=lambda: counter["micro_batches"],
         metric_prefix="dev_",
+        lora=train.lora(),
     )
     report: dict[str, Any] = {
         "task": t.name,
@@ -789,6 +810,7 @@ def _dispatch_finetune(
     }
     kwargs: dict[str, Any] = {k: v for k, v in chosen.items() if v is not None}
     kwargs.update(precision=train.precision, device=train.device, seed=train.seed, progress=train.progress)
+    kwargs["lora"] = train.lora()
     train_data = _lm_data_path(data, task, "train")
     dev_data = data.dev_file or (data.data_dir if data.data_dir and Path(data.data_dir).is_dir() else None)
     if task in SEQ2SEQ_TASKS:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from openglm.atomic import write_text_atomic
+from openglm.lora import LoRASettings
 from openglm.tasks.files import read_jsonl
 from openglm.tasks.finetuning import finetune_generation
 from openglm.tasks.lm_eval import Sample, collate, default_mask_id, two_part_row
@@ -476,6 +477,7 @@ def finetune_seq2seq(
     device: str = "auto",
     seed: int = 1234,
     progress: bool = True,
+    lora: LoRASettings | None = None,
 ) -> dict[str, Any]:
     """Fine-tune a GLM on source/target pairs with the shared training loop, then score ROUGE on dev.
 
@@ -511,6 +513,7 @@ def finetune_seq2seq(
         device: `auto`, `cpu`, `cuda`, ...
         seed: seed of initialisation, dropout and data order.
         progress: show progress bars.
+        lora: train LoRA adapters on the frozen GLM instead of every weight (None: full fine-tuning).
 
     Returns:
         `{"step", "train_loss", "dev": {...}, "best": path}`.
@@ -567,6 +570,7 @@ def finetune_seq2seq(
         device=device,
         seed=seed,
         progress=progress,
+        lora=lora,
     )
 
 
