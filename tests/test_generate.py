@@ -328,6 +328,22 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy() -> None:
     assert _ids(tiny_p) == _ids(greedy)
 
 
+def test_beam_sampling_is_seeded_and_cold_beam_sampling_is_beam_search() -> None:
+    model = _tiny_model(4)
+    kw = {"max_length": 6, "min_length": 1, "num_beams": 3}
+    beam = fill_blank_ids(model, TEXTS, MASKS, SPECIAL, **kw)
+    a = fill_blank_ids(model, TEXTS, MASKS, SPECIAL, do_sample=True, temperature=2.0, seed=7, **kw)
+    b = fill_blank_ids(model, TEXTS, MASKS, SPECIAL, do_sample=True, temperature=2.0, seed=7, **kw)
+    c = fill_blank_ids(model, TEXTS, MASKS, SPECIAL, do_sample=True, temperature=2.0, seed=8, **kw)
+    assert _ids(a) == _ids(b) and _ids(a) != _ids(c) and _ids(a) != _ids(beam)
+    assert all(blank.score <= 0.0 for row in a for blank in row)  # true (length-normalised) log-probabilities
+    # Near-zero temperature: the sampled candidates are the top 2K, so beam sampling is beam search.
+    cold = fill_blank_ids(model, TEXTS, MASKS, SPECIAL, do_sample=True, temperature=1e-6, seed=1, **kw)
+    assert _ids(cold) == _ids(beam)
+    # top_k = 1 keeps one sampled candidate per text; the others are the next best, as in beam search.
+    assert _ids(fill_blank_ids(model, TEXTS, MASKS, SPECIAL, do_sample=True, top_k=1, seed=3, **kw)) == _ids(beam)
+
+
 def test_processors() -> None:
     model = _tiny_model(5)
     config = GenerationConfig(max_length=12, min_length=4, no_repeat_ngram_size=2)

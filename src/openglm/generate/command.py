@@ -118,7 +118,7 @@ def infill(
             chinese-sp-fix, bpe); default: the tokenizer saved in model_dir.
         max_length: at most this many tokens per blank.
         min_length: no end token before this many tokens (1 avoids empty fills).
-        sample: sample instead of greedy decoding.
+        sample: sample instead of greedy decoding (with num_beams > 1: beam sampling).
         temperature: sampling temperature.
         top_k: sample among the k most likely tokens (0 = all).
         top_p: nucleus sampling threshold (0 = off).

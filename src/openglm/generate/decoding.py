@@ -21,7 +21,9 @@ class GenerationConfig:
     Attributes:
         max_length: at most this many tokens per blank (the official `out_seq_length` / `tgt_seq_length`).
         min_length: the end tokens are banned until a blank has this many tokens (1 avoids empty fills).
-        do_sample: sample instead of taking the argmax (ignored with `num_beams` > 1).
+        do_sample: sample instead of taking the argmax; with `num_beams` > 1, beam sampling (each step's 2K
+            candidates are drawn from the temperature / top-k / top-p distribution, then ranked as in beam
+            search).
         temperature: sampling temperature (logits are divided by it).
         top_k: keep only the k most likely tokens when sampling (0 = off).
         top_p: keep the smallest set of tokens whose probability reaches p when sampling (0 = off).
@@ -80,7 +82,9 @@ class GenerationConfig:
 
     @property
     def strategy(self) -> str:
-        return "beam" if self.num_beams > 1 else "sample" if self.do_sample else "greedy"
+        if self.num_beams > 1:
+            return "beam sample" if self.do_sample else "beam"
+        return "sample" if self.do_sample else "greedy"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -131,8 +135,8 @@ def penalize_repetition(scores: Tensor, histories: Sequence[Sequence[int]], pena
             scores[row, idx] = torch.where(picked < 0, picked * penalty, picked / penalty)
 
 
-def sample_tokens(logits: Tensor, config: GenerationConfig, generator: torch.Generator | None) -> Tensor:
-    """Temperature, then top-k, then top-p (the official order), then one multinomial draw per row. [N, V] -> [N]."""
+def warp_logits(logits: Tensor, config: GenerationConfig) -> Tensor:
+    """Temperature, then top-k, then top-p (the official order): [N, V] logits with the dropped tokens at -inf."""
     logits = logits.float() / config.temperature
     if config.top_k > 0:
         k = min(config.top_k, logits.size(-1))
@@ -145,8 +149,35 @@ def sample_tokens(logits: Tensor, config: GenerationConfig, generator: torch.Gen
         drop_sorted = (cumulative - sorted_logits.softmax(-1)) > config.top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, -float("inf"))
-    probs = logits.softmax(-1)
+    return logits
+
+
+def sample_tokens(logits: Tensor, config: GenerationConfig, generator: torch.Generator | None) -> Tensor:
+    """One multinomial draw per row from the warped distribution (`warp_logits`). [N, V] -> [N]."""
+    probs = warp_logits(logits, config).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _sampled_candidates(
+    total: Tensor, config: GenerationConfig, count: int, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
+    """Beam sampling: `count` distinct candidates per text [n, K*V], drawn without replacement from the warped
+    distribution over every beam's continuations (Gumbel top-k), returned as (true scores, indices) sorted by
+    true score, best first. When warping leaves fewer than `count` candidates, the best remaining ones by true
+    score fill up the rest."""
+    n, width = total.shape
+    warped = warp_logits(total, config)  # temperature / top-k / top-p over all K*V continuations of a text
+    uniform = torch.rand(n, width, generator=generator, device=total.device).clamp_(min=1e-20)
+    keys = warped - torch.log(-torch.log(uniform))  # -inf outside the warped set
+    picked = keys.topk(count, dim=1).indices  # the sampled ones first, then -inf keys
+    sampled = torch.isfinite(keys.gather(1, picked))
+    if not bool(sampled.all()):
+        rest = total.masked_fill(torch.isfinite(warped), -float("inf")).topk(count, dim=1).indices
+        slot = (torch.arange(count, device=total.device) - sampled.sum(1, keepdim=True)).clamp(min=0)
+        picked = torch.where(sampled, picked, rest.gather(1, slot))
+    values = total.gather(1, picked)
+    values, order = values.sort(dim=1, descending=True)
+    return values, picked.gather(1, order)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -193,6 +224,8 @@ def beam_step(
     histories: list[list[int]],
     stop_ids: Sequence[int],
     num_beams: int,
+    sampling: GenerationConfig | None = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One step of the official beam search for n texts x K beams.
 
@@ -204,6 +237,10 @@ def beam_step(
         histories: generated tokens per beam row before this step.
         stop_ids: end tokens (the beam "eos").
         num_beams: K.
+        sampling: beam sampling with this config's temperature / top-k / top-p: the 2K candidates are drawn
+            from the warped distribution instead of taken as the top 2K (beam scores stay true
+            log-probabilities). None: the deterministic official search.
+        generator: the random source of beam sampling.
 
     Returns:
         (next beam scores [n*K], next tokens [n*K], source row of each new beam [n*K]). Done texts keep
@@ -213,8 +250,11 @@ def beam_step(
     n = len(hyps)
     V = scores.size(-1)
     total = (scores + beam_scores[:, None]).view(n, K * V)
-    top_scores, top_idx = total.topk(2 * K, dim=1, largest=True, sorted=True)
-    # The official code sorts the gathered scores again; topk already returns them sorted.
+    if sampling is not None:
+        top_scores, top_idx = _sampled_candidates(total, sampling, 2 * K, generator)
+    else:
+        # The official code sorts the gathered scores again; topk already returns them sorted.
+        top_scores, top_idx = total.topk(2 * K, dim=1, largest=True, sorted=True)
     top_rows = (top_idx // V).tolist()
     top_tokens = (top_idx % V).tolist()
     top_vals = top_scores.tolist()

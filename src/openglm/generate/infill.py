@@ -197,6 +197,13 @@ class _Row:
         self.tokens, self.logprob, self.fresh = [], 0.0, True
 
 
+def _generator(config: GenerationConfig, device: torch.device) -> torch.Generator | None:
+    """The seeded random source of sampling (None: torch's global one, or no sampling)."""
+    if config.do_sample and config.seed is not None:
+        return torch.Generator(device=device).manual_seed(config.seed)
+    return None
+
+
 def _decode_stepwise(
     state: DecodeState,
     rows: list[_Row],
@@ -205,9 +212,7 @@ def _decode_stepwise(
     stop_ids: tuple[int, ...],
 ) -> Generator[TokenEvent, None, None]:
     """Greedy or sampled decoding of every blank of every row, one token per row per forward."""
-    generator = None
-    if config.do_sample and config.seed is not None:
-        generator = torch.Generator(device=state.device).manual_seed(config.seed)
+    generator = _generator(config, state.device)
     stop = set(stop_ids)
     slots = list(range(len(rows)))  # the text held by each row of the decode state
     while True:
@@ -260,6 +265,7 @@ def _beam_round(
     config: GenerationConfig,
     special: SpecialIds,
     stop_ids: tuple[int, ...],
+    generator: torch.Generator | None = None,
 ) -> list[tuple[list[int], str, int | None, float]]:
     """Beam search of one blank for each row in `items` (spec E.2); returns (tokens, stop, end, score) per item."""
     K = config.num_beams
@@ -299,7 +305,15 @@ def _beam_round(
         ban_beyond_vocab(scores, config.vocab_limit)
         alive_done = [done[b] for b in alive]
         beam_scores, next_tokens, src = beam_step(
-            scores, beam_scores, [hyps[b] for b in alive], alive_done, histories, stop_ids, K
+            scores,
+            beam_scores,
+            [hyps[b] for b in alive],
+            alive_done,
+            histories,
+            stop_ids,
+            K,
+            sampling=config if config.do_sample else None,
+            generator=generator,
         )
         for b, flag in zip(alive, alive_done, strict=True):
             done[b] = flag
@@ -327,6 +341,7 @@ def _decode_beam(
     stop_ids: tuple[int, ...],
 ) -> Generator[TokenEvent, None, None]:
     """Beam search blank by blank; the chosen fill is appended to the shared cache before the next blank."""
+    generator = _generator(config, state.device)
     rounds = max(len(r.positions) for r in rows)
     for k in range(rounds):
         items = [i for i, r in enumerate(rows) if len(r.positions) > k]
@@ -338,6 +353,7 @@ def _decode_beam(
             config,
             special,
             stop_ids,
+            generator,
         )
         spans: list[list[int] | None] = [None] * len(rows)
         for i, (tokens, stop, end, score) in zip(items, results, strict=True):
