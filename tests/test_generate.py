@@ -341,7 +341,9 @@ def test_beam_sampling_is_seeded_and_cold_beam_sampling_is_beam_search() -> None
     cold = fill_blank_ids(model, TEXTS, MASKS, SPECIAL, do_sample=True, temperature=1e-6, seed=1, **kw)
     assert _ids(cold) == _ids(beam)
     # top_k = 1 keeps one sampled candidate per text; the others are the next best, as in beam search.
-    assert _ids(fill_blank_ids(model, TEXTS, MASKS, SPECIAL, do_sample=True, top_k=1, seed=3, **kw)) == _ids(beam)
+    assert _ids(fill_blank_ids(model, TEXTS, MASKS, SPECIAL, do_sample=True, top_k=1, seed=3, **kw)) == _ids(
+        beam
+    )
 
 
 def test_processors() -> None:
