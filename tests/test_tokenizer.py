@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from functools import cache
 from pathlib import Path
@@ -11,7 +12,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tests.conftest import reference_dir, require, shared_data_dir
 
-import openglm.tokenizer.train as train_module
 from openglm.tokenizer import GLM_SPECIAL_TOKENS, OFFICIAL_MODELS, GLMTokenizer, corpus_files, train_tokenizer
 
 FACTORY = "tokenizer/official_factory"
@@ -398,15 +398,23 @@ def test_trained_from_files_and_resave(trained: GLMTokenizer, tmp_path: Path) ->
     assert again.encode("北京 😀 [gMASK]") == trained.encode("北京 😀 [gMASK]")
 
 
-def test_iter_lines_streams_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    text = "ab\nc😀d\n\n北京\r\nlast line without newline"
-    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
-    monkeypatch.setattr(train_module, "_CHUNK", 3)  # chunk edges fall inside lines and characters
-    batches = list(train_module.iter_lines([tmp_path / "t.txt"]))
-    assert "".join(line for batch in batches for line in batch) == text
+def test_training_reads_the_corpus_as_data_prepare_does(tmp_path: Path) -> None:
+    """JSON lines train on their text field only: the same tokenizer as the same documents in plain text."""
+    docs = ["".join(_CORPUS[i : i + 3]).strip() for i in range(0, len(_CORPUS), 3)]
+    (tmp_path / "plain.txt").write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    rows = "".join(json.dumps({"id": i, "text": d, "source": "web"}) + "\n" for i, d in enumerate(docs))
+    with gzip.open(tmp_path / "docs.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(rows)
+    plain = train_tokenizer(
+        [str(tmp_path / "plain.txt")], vocab_size=300, out=str(tmp_path / "p"), progress=False
+    )
+    jsonl = train_tokenizer(
+        [str(tmp_path / "docs.jsonl.gz")], vocab_size=300, out=str(tmp_path / "j"), progress=False
+    )
+    assert (Path(plain) / "tokenizer.json").read_text() == (Path(jsonl) / "tokenizer.json").read_text()
 
 
-def test_corpus_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_corpus_errors(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with pytest.raises(FileNotFoundError, match="corpus file not found: .*missing.txt"):
         corpus_files([str(tmp_path / "missing.txt")])
     with pytest.raises(FileNotFoundError, match="corpus pattern matched no files"):
@@ -414,13 +422,21 @@ def test_corpus_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="corpus directory has no files"):
         corpus_files([str(tmp_path / "empty")])
+    # A paragraph with invalid UTF-8 is skipped and counted, as `data prepare` does; strict mode refuses it.
     bad = tmp_path / "bad.txt"
-    bad.write_bytes("ok 😀\nstill ok é ".encode() + b"\xc3(" + b" rest")
-    monkeypatch.setattr(train_module, "_CHUNK", 4)  # the error sits behind a character split across chunks
-    with pytest.raises(ValueError, match=r"bad.txt: not valid UTF-8 at byte offset 20"):
-        list(train_module.iter_lines([bad]))
+    bad.write_bytes("".join(_CORPUS).encode() + b"\nstill ok \xc3( rest\n")
+    with caplog.at_level("WARNING"):
+        train_tokenizer([str(bad)], vocab_size=300, out=str(tmp_path / "ok"), progress=False)
+    assert "skipped 1 x invalid UTF-8" in caplog.text and f"{bad}:102" in caplog.text
+    with pytest.raises(ValueError, match=rf"{bad}:102: invalid UTF-8"):
+        train_tokenizer([str(bad)], vocab_size=300, out=str(tmp_path / "s"), strict=True, progress=False)
     with pytest.raises(ValueError, match="vocab_size=200 is too small"):
         train_tokenizer([str(bad)], vocab_size=200, out=str(tmp_path / "o"), progress=False)
+    (tmp_path / "only-bad.txt").write_bytes(b"\xff\xfe\n")
+    with pytest.raises(ValueError, match="no documents were read from 1 input file"):
+        train_tokenizer(
+            [str(tmp_path / "only-bad.txt")], vocab_size=300, out=str(tmp_path / "n"), progress=False
+        )
 
 
 def test_cli_train(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -435,10 +451,7 @@ def test_cli_train(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert GLMTokenizer.from_pretrained(tmp_path / "tok").num_tokens <= 300
     corpus.write_bytes(b"abc\x80")
     for argv, message in [
-        (
-            ["--corpus", f"[{corpus}]", *flags],
-            f"{corpus}: not valid UTF-8 at byte offset 3; convert the file to UTF-8",
-        ),
+        (["--corpus", f"[{corpus}]", "--strict", "true", *flags], f"{corpus}:1: invalid UTF-8"),
         (["--corpus", str(other), "--out", str(tmp_path / "x")], "tokenizer train: --vocab_size is required"),
     ]:
         with pytest.raises(SystemExit) as exit_info:

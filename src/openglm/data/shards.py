@@ -6,30 +6,24 @@ the vocabulary fits, else uint32) with a document index (`shard-NNNNN.idx.npy`, 
 from __future__ import annotations
 
 import collections
-import gzip
 import io
 import json
 import logging
 import multiprocessing
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from openglm.atomic import write_bytes_atomic
-from openglm.corpus import corpus_files
+from openglm.corpus import InputReport, ascii_punctuation, corpus_files, iter_documents
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
-
-# The official corpus readers map typographic quotes and dashes to ASCII before tokenizing.
-_PUNCTUATION = str.maketrans({"‘": "'", "’": "'", "“": '"', "”": '"', "–": "-", "—": "-"})
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -129,102 +123,6 @@ class CorpusSubset:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Reading raw documents
-
-
-@dataclass
-class InputReport:
-    """What the reader saw: counts per kind of problem, and a few examples with file:line."""
-
-    files: int = 0
-    documents: int = 0
-    skipped: collections.Counter = field(default_factory=collections.Counter)
-    examples: list[str] = field(default_factory=list)
-
-    def skip(self, kind: str, where: str, strict: bool) -> None:
-        if strict:
-            raise ValueError(f"{where}: {kind}")
-        self.skipped[kind] += 1
-        if len(self.examples) < 10:
-            self.examples.append(f"{where}: {kind}")
-        log.debug("skipped %s: %s", where, kind)
-
-
-def _open_binary(path: Path) -> io.BufferedIOBase:
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # noqa: SIM115
-
-
-def _is_jsonl(path: Path) -> bool:
-    name = path.name[:-3] if path.name.endswith(".gz") else path.name
-    return name.endswith(JSONL_SUFFIXES)
-
-
-def iter_documents(
-    files: Sequence[Path],
-    report: InputReport,
-    text_format: Literal["paragraphs", "lines"] = "paragraphs",
-    jsonl_field: str = "text",
-    strict: bool = False,
-) -> Iterator[str]:
-    """Stream documents as strings, line by line (never a whole file in memory).
-
-    Plain text: documents are separated by blank lines ("paragraphs") or are single lines ("lines").
-    JSON lines (.jsonl/.json/.ndjson, optionally .gz): the string field `jsonl_field` of each object.
-    Bad input is counted in `report` (or raises ValueError naming file:line when `strict`).
-    """
-    for path in files:
-        report.files += 1
-        jsonl = _is_jsonl(path)
-        emitted = 0
-        bad_doc = False
-        lines: list[str] = []
-        with _open_binary(path) as handle:
-            for number, raw in enumerate(handle, 1):
-                where = f"{path}:{number}"
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    report.skip("invalid UTF-8 (document skipped)", where, strict)
-                    if jsonl or text_format == "lines":
-                        continue
-                    bad_doc = True
-                    continue
-                if jsonl:
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:
-                        report.skip("invalid JSON line", where, strict)
-                        continue
-                    value = record.get(jsonl_field) if isinstance(record, dict) else None
-                    if not isinstance(value, str):
-                        report.skip(f"missing or non-string field {jsonl_field!r}", where, strict)
-                        continue
-                    if value.strip():
-                        emitted += 1
-                        yield value
-                    continue
-                if text_format == "lines":
-                    if line.strip():
-                        emitted += 1
-                        yield line.rstrip("\r\n")
-                    continue
-                if line.strip():
-                    lines.append(line)
-                    continue
-                if lines and not bad_doc:
-                    emitted += 1
-                    yield "".join(lines).strip()
-                lines, bad_doc = [], False
-        if lines and not bad_doc:
-            emitted += 1
-            yield "".join(lines).strip()
-        if emitted == 0:
-            report.skip("no documents in this file (empty?)", str(path), strict)
-
-
-# --------------------------------------------------------------------------------------------------------
 # Writing shards
 
 
@@ -320,7 +218,7 @@ def _init_worker(path: str) -> None:
 
 def _encode_chunk(texts: list[str], standardize: bool) -> list[np.ndarray]:
     if standardize:
-        texts = [t.translate(_PUNCTUATION) for t in texts]
+        texts = [ascii_punctuation(t) for t in texts]
     return [np.asarray(ids, dtype=np.int64) for ids in _WORKER_TOKENIZER.encode_batch(texts)]
 
 

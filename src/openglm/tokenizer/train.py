@@ -3,13 +3,13 @@ special tokens appended after the learned vocabulary, saved so that `GLMTokenize
 
 from __future__ import annotations
 
-import codecs
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Literal
 
-from openglm.corpus import corpus_files
+from openglm.corpus import InputReport, ascii_punctuation, corpus_files, iter_documents
 from openglm.tokenizer.glm import _LSTRIP_TOKENS, GLM_SPECIAL_TOKENS, GLMTokenizer
 
 log = logging.getLogger(__name__)
@@ -18,46 +18,21 @@ _CHUNK = 1 << 20  # bytes read per step
 _BATCH = 1000  # lines handed to the trainer per step
 
 
-def iter_lines(files: Sequence[Path], progress: bool = False) -> Iterator[list[str]]:
-    """Stream the files as batches of lines (newlines kept), reading 1 MiB at a time.
-
-    Args:
-        files: UTF-8 text files.
-        progress: show a progress bar over the bytes read.
-
-    Yields:
-        Lists of up to 1000 lines.
-
-    Raises:
-        ValueError: a file is not valid UTF-8; the message names the file and the byte offset.
-    """
+def document_batches(
+    documents: Iterable[str], standardize: bool = True, progress: bool = False
+) -> Iterator[list[str]]:
+    """Group documents into lists of up to 1000 for the trainer, with the punctuation mapping `data prepare`
+    applies before encoding (so that the tokenizer learns the text it will be asked to encode)."""
     from tqdm import tqdm
 
-    total = sum(f.stat().st_size for f in files)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="reading corpus", disable=not progress) as bar:
-        for path in files:
-            decoder = codecs.getincrementaldecoder("utf-8")("strict")
-            offset = 0  # bytes of this file handed to the decoder so far
-            carry = ""
-            with open(path, "rb") as f:
-                while True:
-                    chunk = f.read(_CHUNK)
-                    pending = len(decoder.getstate()[0])  # undecoded bytes kept from the previous chunk
-                    try:
-                        text = decoder.decode(chunk, final=not chunk)
-                    except UnicodeDecodeError as err:
-                        at = offset - pending + err.start
-                        raise ValueError(
-                            f"{path}: not valid UTF-8 at byte offset {at}; convert the file to UTF-8"
-                        ) from None
-                    offset += len(chunk)
-                    bar.update(len(chunk))
-                    lines = (carry + text).splitlines(keepends=True)
-                    carry = lines.pop() if lines and chunk and not lines[-1].endswith(("\n", "\r")) else ""
-                    for i in range(0, len(lines), _BATCH):
-                        yield lines[i : i + _BATCH]
-                    if not chunk:
-                        break
+    batch: list[str] = []
+    for doc in tqdm(documents, unit="doc", desc="reading corpus", disable=not progress, mininterval=2.0):
+        batch.append(ascii_punctuation(doc) if standardize else doc)
+        if len(batch) == _BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def train_bpe(
@@ -109,20 +84,33 @@ def train_tokenizer(
     vocab_size: int | None = None,
     out: str | None = None,
     min_frequency: int = 2,
+    text_format: Literal["paragraphs", "lines"] = "paragraphs",
+    jsonl_field: str = "text",
+    pattern: str = "*",
+    standardize_punctuation: bool = True,
+    strict: bool = False,
     progress: bool = True,
 ) -> str:
-    """Train a byte-level BPE tokenizer with the GLM special tokens on text files and save it.
+    """Train a byte-level BPE tokenizer with the GLM special tokens on a corpus and save it.
 
-    The files are streamed (never loaded whole). The result has no unknown tokens for any Unicode input; the
-    GLM tokens [CLS] [SEP] [MASK] [sMASK] [gMASK] <|startofpiece|> <|endofpiece|> [UNK] [dBLOCK]
+    The corpus is read exactly as `openglm data prepare` reads it (same files, documents, JSON field and
+    punctuation mapping), streamed document by document. The result has no unknown tokens for any Unicode
+    input; the GLM tokens [CLS] [SEP] [MASK] [sMASK] [gMASK] <|startofpiece|> <|endofpiece|> [UNK] [dBLOCK]
     <|endoftext|> (pad and eos) follow the learned vocabulary, and `GLMTokenizer.from_pretrained(out)` loads it.
 
     Args:
-        corpus: UTF-8 text files, directories (every non-hidden file below) or glob patterns; one path or a
-            list.
+        corpus: files, directories (searched recursively for `pattern`) or glob patterns; one path or a list.
+            Files ending in .jsonl/.json/.ndjson are JSON lines, others plain UTF-8 text; .gz is
+            decompressed on the fly.
         vocab_size: total number of tokens including the 10 GLM tokens (the corpus may yield fewer).
         out: output directory (created; other files in it are kept).
         min_frequency: pairs seen fewer times are not merged.
+        text_format: plain text documents are separated by blank lines ("paragraphs") or are lines ("lines").
+        jsonl_field: the string field holding a document in JSON lines files.
+        pattern: file name pattern inside directories.
+        standardize_punctuation: map curly quotes and dashes to ASCII (the `data prepare` default).
+        strict: stop at the first bad input (invalid UTF-8, invalid JSON, missing field, empty file) instead
+            of skipping and counting it, as `data prepare` does.
         progress: show progress bars.
 
     `corpus`, `vocab_size` and `out` are required; they have defaults only so that the command line takes them
@@ -134,9 +122,21 @@ def train_tokenizer(
     for name, value in (("corpus", corpus), ("vocab_size", vocab_size), ("out", out)):
         if value is None or (isinstance(value, list) and not value):
             raise ValueError(f"tokenizer train: --{name} is required")
-    files = corpus_files([corpus] if isinstance(corpus, str | os.PathLike) else corpus)
+    files = corpus_files([corpus] if isinstance(corpus, str | os.PathLike) else corpus, pattern)
     log.info("training a %d-token byte-level BPE on %d file(s)", vocab_size, len(files))
-    tok = train_bpe(iter_lines(files, progress), vocab_size, min_frequency, progress)
+    report = InputReport()
+    documents = iter_documents(files, report, text_format, jsonl_field, strict)
+    tok = train_bpe(
+        document_batches(documents, standardize_punctuation, progress), vocab_size, min_frequency, progress
+    )
+    for kind, count in report.skipped.items():
+        example = next((e for e in report.examples if kind in e), "-")
+        log.warning("skipped %d x %s (e.g. %s)", count, kind, example)
+    if report.documents == 0:
+        detail = ", ".join(f"{k}: {v}" for k, v in report.skipped.items()) or "no text found"
+        raise ValueError(
+            f"tokenizer train: no documents were read from {len(files)} input file(s) ({detail})"
+        )
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = tok.to_str().encode("utf-8")
