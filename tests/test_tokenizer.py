@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import sys
 from functools import cache
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -458,3 +460,54 @@ def test_cli_train(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
             main(["tokenizer", "train", *argv])
         assert exit_info.value.code == 2
         assert capsys.readouterr().err.strip().splitlines()[-1] == f"openglm: error: {message}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The tiktoken path for byte-level BPE
+
+
+def _library_ids(tok: GLMTokenizer, texts: list[str]) -> list[list[int]]:
+    """The same encode_batch through the `tokenizers` library, bypassing the tiktoken path."""
+    fast, tok._text.fast = tok._text.fast, None
+    try:
+        return tok.encode_batch(texts)
+    finally:
+        tok._text.fast = fast
+
+
+@pytest.mark.parametrize("kind,file", [("gpt2", "gpt2-vocab.json"), ("roberta", "roberta-vocab.json")])
+def test_tiktoken_path_equals_the_library_on_real_text(kind: str, file: str) -> None:
+    tok = _build(kind, file, True, True, False)
+    assert tok._text.fast is not None, "tiktoken is a dependency; the byte-level BPE kinds should use it"
+    corpus = require(shared_data_dir() / "corpora" / "gutenberg")
+    texts = []
+    for path in sorted(corpus.glob("*.txt"))[:6]:
+        texts += [
+            p for p in path.read_text(encoding="utf-8", errors="replace").split("\n\n")[:300] if p.strip()
+        ]
+    texts += ["x [MASK] y [sMASK]", "  leading and trailing  ", "\t\n\r\x0b\x0c\u2028\u00a0 odd spaces"]
+    assert tok.encode_batch(texts) == _library_ids(tok, texts)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.text(max_size=80), min_size=1, max_size=4))
+def test_tiktoken_path_equals_the_library_on_any_text(trained: GLMTokenizer, texts: list[str]) -> None:
+    assert trained._text.fast is not None
+    assert trained.encode_batch(texts) == _library_ids(trained, texts)
+
+
+def test_tiktoken_path_refuses_lone_surrogates_and_falls_back(
+    trained: GLMTokenizer, monkeypatch, caplog
+) -> None:
+    with pytest.raises(ValueError, match="not encodable as UTF-8 at character offset 3"):
+        trained.encode("ok \ud800 not ok")
+    from openglm.tokenizer import fast_bpe
+
+    vocab = {c: i for i, c in enumerate(fast_bpe.byte_to_unicode().values())}
+    vocab["ab"] = 256
+    wrong = SimpleNamespace(encode_batch=lambda texts: [[0] for _ in texts])
+    with caplog.at_level("WARNING"):
+        assert fast_bpe.build(vocab, [("a", "b")], wrong) is None  # disagrees with its reference
+    assert "using the library" in caplog.text
+    monkeypatch.setitem(sys.modules, "tiktoken", None)  # not installed
+    assert fast_bpe.build(vocab, [("a", "b")], wrong) is None

@@ -14,6 +14,8 @@ from typing import Any
 
 from openglm.atomic import write_bytes_atomic
 from openglm.config import pad_vocab_size
+from openglm.tokenizer import fast_bpe
+from openglm.tokenizer.fast_bpe import TiktokenBPE
 
 KINDS = ("bert", "gpt2", "roberta", "chinese-sp", "chinese-sp-fix", "bpe")
 CONFIG_FILE = "tokenizer_config.json"
@@ -121,8 +123,11 @@ class _HFText:
         for piece, i in vocab.items():
             self.pieces[i] = piece
         self.vocab = vocab
+        self.fast: TiktokenBPE | None = None  # byte-level BPE: the same ids through tiktoken, when available
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self.fast is not None:
+            return self.fast.encode_batch(texts)
         # encode_batch_fast skips offset tracking; the ids are the same.
         return [e.ids for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]
 
@@ -213,7 +218,9 @@ def _bpe_text(vocab_data: bytes, vocab_path: Path, merges_data: bytes, merges_pa
     # GPT-2 byte-level pre-tokenisation (its regex, no prefix space), byte-level decoding.
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    return _HFText(tok)
+    text = _HFText(tok)
+    text.fast = fast_bpe.build(vocab, merges, text)
+    return text
 
 
 def _sp_text(data: bytes, path: Path) -> _SPText:
@@ -230,11 +237,29 @@ def _sp_text(data: bytes, path: Path) -> _SPText:
 def _tokenizer_json_text(data: bytes, path: Path) -> _HFText:
     from tokenizers import Tokenizer
 
+    source = _utf8(data, path)
     try:
-        tok = Tokenizer.from_str(_utf8(data, path))
+        tok = Tokenizer.from_str(source)
     except Exception as err:  # the Rust side raises a bare Exception for any parse error
         raise ValueError(f"{path}: malformed tokenizer.json: {err}") from None
-    return _HFText(tok)
+    text = _HFText(tok)
+    spec = json.loads(source)
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    byte_level_bpe = (
+        model.get("type") == "BPE"
+        and not model.get("dropout")
+        and not model.get("continuing_subword_prefix")
+        and not model.get("end_of_word_suffix")
+        and spec.get("normalizer") is None
+        and pre.get("type") == "ByteLevel"
+        and not pre.get("add_prefix_space")
+        and pre.get("use_regex", True)
+    )
+    if byte_level_bpe:
+        # Merges are "a b" strings in older files and [a, b] pairs in newer ones.
+        merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+        text.fast = fast_bpe.build(model.get("vocab", {}), merges, text)
+    return text
 
 
 def _require(vocab: dict[str, int] | Any, token: str, path: Path, what: str) -> int:
