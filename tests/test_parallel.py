@@ -143,3 +143,129 @@ def test_single_process_strategies():
     pos = torch.stack([torch.arange(8).expand(2, 8), torch.zeros(2, 8, dtype=torch.long)], 1)
     model(ids, pos, attention_mask=torch.tensor([4, 4])).logits.sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+_FINETUNE_WORKER = textwrap.dedent(
+    """
+    import json, os, sys
+    import torch
+    import openglm.tasks.run as run
+    from openglm.tasks import FinetuneSettings, TaskData, finetune
+
+    torch.set_num_threads(1)
+    task, model, out = sys.argv[1:4]
+    rows, scores = [], run.batch_scores
+
+    def counting(m, batch, *args):
+        if m.training:
+            rows.append(int(batch["labels"].size(0)))
+        return scores(m, batch, *args)
+
+    run.batch_scores = counting
+    settings = FinetuneSettings(max_steps=4, batch_size=8, lr=3e-3, warmup=0.0, eval_every=2, progress=False,
+                                device="cpu", seed=1)
+    finetune(task=task, model=model, out_dir=out, data=TaskData(), train=settings)
+    with open(os.path.join(out, f"rows-{os.environ['RANK']}.json"), "w") as f:
+        json.dump(rows, f)
+    """
+)
+
+
+def test_rank_shard_splits_rows_and_skips_batches_too_small_to_share():
+    from openglm.tasks.finetuning import RankShard
+
+    class Source:
+        def __iter__(self):
+            yield {
+                "input_ids": torch.arange(8).view(4, 2),
+                "labels": torch.arange(4),
+                "mode": "cloze",
+                "n": torch.tensor(4),
+            }
+            yield {"input_ids": torch.zeros(1, 2), "labels": torch.zeros(1)}  # fewer rows than ranks
+            yield {"input_ids": torch.arange(6).view(3, 2), "labels": torch.arange(3)}
+
+        def __len__(self):
+            return 3
+
+        def state_dict(self):
+            return {"position": 7}
+
+    shard = RankShard(Source(), rank=1, world_size=2)
+    first, last = list(shard)
+    assert first["input_ids"].tolist() == [[2, 3], [6, 7]] and first["labels"].tolist() == [1, 3]
+    assert first["mode"] == "cloze" and first["n"].item() == 4  # not per-row: passed unchanged
+    assert last["labels"].tolist() == [1]
+    assert len(shard) == 3 and shard.state_dict() == {"position": 7}
+
+
+def test_two_gloo_ranks_finetune_like_one_process(tmp_path):
+    """Cloze fine-tuning under torchrun: each rank trains on half of every batch (DDP), rank 0 keeps the best model
+    and writes the report; losses, dev scores and kept weights equal a single process on the same batches."""
+    from safetensors.torch import load_file
+    from tests.test_tasks_run import CLOZE_YAML, WORDS, _task_yaml, _write_data
+
+    from openglm import GLMConfig, GLMModel
+    from openglm.tasks import FinetuneSettings, TaskData, finetune
+    from openglm.tokenizer import GLMTokenizer
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "!", "?", *WORDS]
+    vocab += [*"abcdefghijklmnopqrstuvwxyz", *("##" + c for c in "abcdefghijklmnopqrstuvwxyz")]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    torch.manual_seed(0)
+    config = GLMConfig.from_name("tiny", vocab_size=128, max_sequence_length=64).replace(
+        embedding_dropout_prob=0.0, attention_dropout_prob=0.0, output_dropout_prob=0.0
+    )
+    GLMModel(config).save_pretrained(tmp_path / "model")
+    GLMTokenizer.from_files("bert", tmp_path / "vocab.txt").save_pretrained(tmp_path / "model")
+    _write_data(tmp_path / "data")
+    task = str(_task_yaml(tmp_path, CLOZE_YAML))
+
+    port = _free_port()
+    procs = []
+    for rank in (0, 1):
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+            PYTHONPATH=str(ROOT / "src"),
+        )
+        args = [sys.executable, "-c", _FINETUNE_WORKER, task, str(tmp_path / "model"), str(tmp_path / "ddp")]
+        procs.append(subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    settings = FinetuneSettings(
+        max_steps=4, batch_size=8, lr=3e-3, warmup=0.0, eval_every=2, progress=False, device="cpu", seed=1
+    )
+    single = finetune(
+        task=task,
+        model=str(tmp_path / "model"),
+        out_dir=str(tmp_path / "one"),
+        data=TaskData(),
+        train=settings,
+    )
+    try:
+        codes = [p.wait(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    errors = [p.stderr.read().decode(errors="replace")[-3000:] for p in procs]
+    assert codes == [0, 0], errors
+    for rank in (0, 1):  # each rank trained on half of every batch of 8
+        assert json.loads((tmp_path / "ddp" / f"rows-{rank}.json").read_text()) == [4, 4, 4, 4]
+    ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert ddp["steps"] == single["steps"] == 4 and ddp["best_step"] == single["best_step"]
+    assert ddp["dev"] == pytest.approx(single["dev"], abs=1e-6)
+
+    def losses(run: str) -> list[float]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line)["loss"] for line in lines if '"loss"' in line]
+
+    assert losses("ddp") == pytest.approx(losses("one"), abs=1e-5)
+    kept_ddp = load_file(str(tmp_path / "ddp" / "best" / "model.safetensors"))
+    kept_one = load_file(str(tmp_path / "one" / "best" / "model.safetensors"))
+    for key, value in kept_one.items():
+        torch.testing.assert_close(kept_ddp[key], value, rtol=1e-4, atol=1e-5)

@@ -76,6 +76,11 @@ def init_distributed(device: str = "auto", timeout_s: float = 300.0) -> DistEnv:
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
+def is_main() -> bool:
+    """Whether this process is rank 0 of its torchrun job (or runs alone); usable before the group exists."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def teardown() -> None:
     """Leave the process group (no-op when none was created)."""
     if dist.is_available() and dist.is_initialized():

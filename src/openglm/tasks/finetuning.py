@@ -10,13 +10,14 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
+from torch import Tensor, nn
 
+from openglm import parallel
 from openglm.atomic import write_text_atomic
 from openglm.lora import LoRASettings, add_lora, trainable_summary
 from openglm.parallel import unwrap
@@ -70,6 +71,50 @@ def save_model_dir(model: nn.Module, tokenizer: Any, directory: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+class RankShard:
+    """This rank's rows of every global batch of `batches` (rows rank, rank + world, ...), for data-parallel
+    fine-tuning: all ranks draw the same global batches (same seed) and each trains on its share. Batches with
+    fewer rows than ranks (an epoch's last, partial batch) are skipped on every rank alike. Tensors whose first
+    dimension is the batch are split; other entries pass unchanged. Exact-resume state is the wrapped source's.
+    """
+
+    def __init__(self, batches: Iterable[Batch], rank: int, world_size: int) -> None:
+        self.batches, self.rank, self.world_size = batches, rank, world_size
+
+    def __len__(self) -> int:
+        return len(self.batches)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch in self.batches:
+            rows = _batch_rows(batch)
+            if rows < self.world_size:
+                continue
+            yield {
+                k: v[self.rank :: self.world_size]
+                if isinstance(v, Tensor) and v.dim() and v.size(0) == rows
+                else v
+                for k, v in batch.items()
+            }
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.batches.state_dict()  # type: ignore[attr-defined]
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batches.load_state_dict(state)  # type: ignore[attr-defined]
+
+
+def _batch_rows(batch: Batch) -> int:
+    """The batch size of a batch dict: the first dimension of its token ids."""
+    for key in ("input_ids", "tokens", "text"):
+        value = batch.get(key)
+        if isinstance(value, Tensor):
+            return value.size(0)
+    first = next((v for v in batch.values() if isinstance(v, Tensor) and v.dim()), None)
+    if first is None:
+        raise ValueError(f"cannot tell the batch size of a batch with keys {sorted(batch)}")
+    return first.size(0)
+
+
 def fit_keeping_best(
     model: nn.Module,
     tokenizer: Any,
@@ -112,11 +157,17 @@ def fit_keeping_best(
         lora: train LoRA adapters on the frozen GLM (added to `model` in place) instead of every weight;
             the kept models have the adapters merged in. None: full fine-tuning.
 
+    Under torchrun, every rank trains on its share of each global batch (`RankShard`, DDP through `fit`);
+    every rank evaluates the same synchronised model and rank 0 alone writes the kept models.
+
     Returns:
         `fit`'s result and the best dev evaluation.
     """
     from openglm.train.loop import fit
 
+    env = parallel.init_distributed(settings.device, settings.timeout_s)
+    if env.distributed:
+        batches = RankShard(batches, env.rank, env.world_size)
     if lora is not None:
         adapted = add_lora(model, lora)
         logger.info("LoRA rank %d on %d layers: %s", lora.rank, adapted, trainable_summary(model))
@@ -131,8 +182,10 @@ def fit_keeping_best(
         if best.value is None or value > best.value:
             best.value, best.metrics = value, dict(metrics)
             best.step = step_fn() if step_fn is not None else None
-            save_model_dir(inner, tokenizer, best.directory)
-            logger.info("new best dev %s = %.4f (step %s)", key_metric, value, best.step)
+            if env.is_main:
+                save_model_dir(inner, tokenizer, best.directory)
+                logger.info("new best dev %s = %.4f (step %s)", key_metric, value, best.step)
+            parallel.barrier()  # the kept model is complete before any rank goes on
         return {f"{metric_prefix}{k}": v for k, v in metrics.items()}
 
     extra: dict[str, Any] = {}
@@ -148,10 +201,12 @@ def fit_keeping_best(
         run_dir=out,
         eval_fn=eval_fn if evaluate is not None else None,
         resume=resume,
+        env=env,
         **extra,
     )
-    if evaluate is None:
+    if evaluate is None and env.is_main:
         save_model_dir(unwrap(model), tokenizer, best.directory)
+    parallel.barrier()
     return result, best
 
 
@@ -238,5 +293,6 @@ def finetune_generation(
         "dev": best.metrics or {},
         "best": str(best.directory),
     }
-    write_text_atomic(out_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
+    if parallel.is_main():
+        write_text_atomic(out_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
     return summary

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from openglm import parallel
 from openglm.atomic import write_text_atomic
 from openglm.lora import ALL_TARGETS, LoRASettings
 from openglm.tasks.classifier import (
@@ -490,7 +491,7 @@ def finetune(
 
     t = resolve_task(task)
     out = Path(out_dir)
-    device = _device(train.device)
+    device = parallel.init_distributed(train.device).device  # under torchrun: this rank's GPU
     tok = load_tokenizer(model, tokenizer)
     net = load_model(model, t, data, device)
     _check_vocab(net, tok, model)
@@ -550,7 +551,7 @@ def finetune(
         max_steps=max_steps,
         micro_batch_size=int(hp["batch_size"]),
         precision=train.precision,
-        strategy="none",
+        strategy="auto",  # DDP under torchrun (each rank trains on its share of a batch), else one process
         device=str(device),
         seed=train.seed,
         log_every=max(1, min(10, max_steps // 10)),
@@ -608,6 +609,8 @@ def finetune(
         "data": asdict(data),
         "train": asdict(train),
     }
+    if not parallel.is_main():
+        return report  # rank 0 evaluates the test split and writes the report
     if has_split(t, data, "test") and (out / BEST_DIR).is_dir():
         test_examples = load_examples(t, data, "test", data.max_eval_examples)
         best_model = load_model(out / BEST_DIR, t, data, device)
