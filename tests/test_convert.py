@@ -8,11 +8,11 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tests.conftest import require
+from tests.conftest import require, shared_data_dir
 
 from openglm import GLMConfig, GLMModel
 from openglm.cli import main as cli_main
-from openglm.convert import CheckpointError, load_checkpoint, merge_model_parallel
+from openglm.convert import CheckpointError, convert, load_checkpoint, merge_model_parallel
 
 
 @pytest.fixture
@@ -210,3 +210,57 @@ def test_config_validation_and_hf_config(tmp_path, mp_case):
     bad.write_text(json.dumps({"num_layers": 2, "surprise": 1}))
     with pytest.raises(ValueError, match="surprise"):
         GLMConfig.from_file(bad)
+
+
+def test_convert_carries_the_tokenizer(tmp_path, mp_case, caplog):
+    """A Hugging Face directory's GLM tokenizer is converted with the official ids of its released model; official
+    checkpoints take one from --tokenizer; without any, the output holds the model only and says so."""
+    from openglm.convert import find_tokenizer
+    from openglm.tokenizer import GLMTokenizer
+
+    vocab = require(shared_data_dir() / "tokenizers" / "bert-large-uncased-vocab.txt")
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    hf_config = json.loads((mp_case / "config.json").read_text())
+    hf_config["vocab_size"] = 30592  # BERT's 30524 tokens, padded to 128
+    (hf / "config.json").write_text(json.dumps(hf_config))
+    torch.manual_seed(0)
+    save_file(GLMModel(GLMConfig.from_file(hf / "config.json")).state_dict(), str(hf / "model.safetensors"))
+    shutil.copy(vocab, hf / "vocab.txt")
+    (hf / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GLMBertTokenizer"}))
+    out = convert(str(hf), str(tmp_path / "out"))
+    official = GLMTokenizer.from_files("bert", vocab)
+    carried = GLMTokenizer.from_pretrained(out)
+    text = "Tsinghua University is located in [MASK]."
+    assert carried.encode(text) == official.encode(text) and carried.command_tokens == official.command_tokens
+    assert GLMModel.from_pretrained(out).config == GLMModel.from_pretrained(hf).config
+
+    (hf / "tokenizer_config.json").unlink()
+    with caplog.at_level("WARNING"):
+        convert(str(hf), str(tmp_path / "bare"))
+    assert (
+        "carries no tokenizer" in caplog.text and not (tmp_path / "bare" / "tokenizer_config.json").exists()
+    )
+    convert(str(hf), str(tmp_path / "named"), tokenizer=f"bert:{vocab}")
+    assert GLMTokenizer.from_pretrained(tmp_path / "named").encode(text) == official.encode(text)
+    with pytest.raises(ValueError, match="30524 tokens but the model only"):  # the fixture model is tiny
+        convert(
+            str(mp_case / "official"),
+            str(tmp_path / "small"),
+            str(mp_case / "config.json"),
+            None,
+            f"bert:{vocab}",
+        )
+
+    # The Chinese class takes GLM-Large-Chinese's fixed command ids when the architecture is that model's.
+    large_chinese = GLMConfig.from_name("glm-large-chinese")
+    sp = require(shared_data_dir() / "tokenizers" / "cog-pretrain.model")
+    zh = tmp_path / "zh"
+    zh.mkdir()
+    shutil.copy(sp, zh / "cog-pretrain.model")
+    (zh / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GLMChineseTokenizer"}))
+    expected = GLMTokenizer.for_model("glm-large-chinese", sp.parent)
+    assert find_tokenizer(zh, large_chinese).command_tokens == expected.command_tokens
+    (zh / "cog-pretrain.model").unlink()
+    with pytest.raises(CheckpointError, match="cog-pretrain.model is missing"):
+        find_tokenizer(zh, large_chinese)

@@ -295,23 +295,109 @@ def save_checkpoint(model: torch.nn.Module, directory: str | os.PathLike) -> Non
     model.config.save(directory / CONFIG_NAME)
 
 
-def convert(src: str, dst: str, model_config: str | None = None, dtype: str | None = None) -> Path:
+# Hugging Face hub GLM tokenizer classes (`tokenizer_class` in tokenizer_config.json) -> our kind, vocab file.
+HF_TOKENIZERS = {
+    "GLMBertTokenizer": ("bert", "vocab.txt"),
+    "GLMGPT2Tokenizer": ("gpt2", "vocab.json"),
+    "GLMRobertaTokenizer": ("roberta", "vocab.json"),
+    "GLMChineseTokenizer": ("chinese-sp", "cog-pretrain.model"),
+}
+
+
+def released_model(config: GLMConfig, kind: str = "") -> str | None:
+    """The released GLM whose architecture `config` has (layers, width, heads, positions) and whose tokenizer
+    kind starts with `kind`, if any."""
+    from openglm.tokenizer import OFFICIAL_MODELS
+
+    shape = (config.num_layers, config.hidden_size, config.num_attention_heads, config.max_sequence_length)
+    for name, (tokenizer_kind, *_) in OFFICIAL_MODELS.items():
+        if not tokenizer_kind.startswith(kind):
+            continue
+        try:
+            preset = GLMConfig.from_name(name)
+        except (KeyError, ValueError):
+            continue
+        if (
+            preset.num_layers,
+            preset.hidden_size,
+            preset.num_attention_heads,
+            preset.max_sequence_length,
+        ) == shape:
+            return name
+    return None
+
+
+def find_tokenizer(src: Path, config: GLMConfig):
+    """The tokenizer a checkpoint directory carries, or None: an openglm tokenizer, or a Hugging Face GLM one
+    (its `tokenizer_class` and vocab file), built with the official ids of the released model that has this
+    architecture (GLM-Large-Chinese's fixed command ids, for example)."""
+    from openglm.tokenizer import OFFICIAL_MODELS, GLMTokenizer
+
+    settings = src / "tokenizer_config.json" if src.is_dir() else None
+    if settings is None or not settings.is_file():
+        return None
+    try:
+        meta = json.loads(settings.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{settings}: malformed JSON: {err}") from None
+    if isinstance(meta, dict) and meta.get("format") is not None:
+        return GLMTokenizer.from_pretrained(src)  # our own format
+    cls = meta.get("tokenizer_class") if isinstance(meta, dict) else None
+    if cls not in HF_TOKENIZERS:
+        log.warning("%s: tokenizer_class %r is not a GLM tokenizer; no tokenizer converted", settings, cls)
+        return None
+    kind, file = HF_TOKENIZERS[cls]
+    options: dict[str, bool] = {}
+    name = released_model(config, kind)
+    if name is not None:
+        kind, _, options, _ = OFFICIAL_MODELS[name]
+    if not (src / file).is_file():
+        raise CheckpointError(f"{settings} names {cls}, but {src / file} is missing")
+    return GLMTokenizer.from_files(kind, src / file, **options)
+
+
+def convert(
+    src: str,
+    dst: str,
+    model_config: str | None = None,
+    dtype: str | None = None,
+    tokenizer: str | None = None,
+) -> Path:
     """Convert an official (any MP size) or Hugging Face GLM checkpoint into an openglm directory.
+
+    The tokenizer travels with the weights, so that the directory works on its own (`openglm infill DIR`):
+    a Hugging Face directory's GLM tokenizer is converted with the official ids, or `tokenizer` names one.
 
     Args:
         src: checkpoint directory (official: holds latest_checkpointed_iteration.txt; HF: config.json + weights).
-        dst: output directory (config.json + model.safetensors).
+        dst: output directory (config.json + model.safetensors, and the tokenizer's files).
         model_config: for official checkpoints, a preset name (e.g. glm-large) or a config.json path.
         dtype: optional dtype of the saved weights: float32, bfloat16 or float16.
+        tokenizer: "KIND:VOCAB_PATH" (e.g. bert:bert-large-uncased-vocab.txt; official checkpoints carry no
+            vocab) or a saved tokenizer directory; default: the one found in `src`, if any.
 
     Returns:
         The output directory.
     """
     from openglm.model import GLMModel
+    from openglm.tokenizer import GLMTokenizer
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype is not None and dtype not in dtypes:
         raise ValueError(f"dtype={dtype!r}; expected one of {list(dtypes)}")
     model = GLMModel.from_pretrained(src, config=model_config, dtype=dtypes.get(dtype) if dtype else None)
+    tok = GLMTokenizer.from_spec(tokenizer) if tokenizer else find_tokenizer(Path(src), model.config)
+    if tok is not None and tok.num_tokens > model.config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tok.num_tokens} tokens but the model only {model.config.vocab_size} embedding rows"
+        )
     save_checkpoint(model, dst)
+    if tok is not None:
+        tok.save_pretrained(dst)
+    else:
+        log.warning(
+            "%s carries no tokenizer: %s holds the model only (add one with --tokenizer KIND:VOCAB_PATH)",
+            src,
+            dst,
+        )
     return Path(dst)

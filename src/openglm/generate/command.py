@@ -17,14 +17,9 @@ from openglm.generate.infill import FilledText, TokenEvent, fill_blanks
 
 def load_tokenizer(model_dir: str, tokenizer: str | None) -> Any:
     """`tokenizer` is None (the tokenizer saved in `model_dir`), a directory, or "KIND:PATH" (vocab files)."""
-    from openglm.tokenizer import KINDS, GLMTokenizer
+    from openglm.tokenizer import GLMTokenizer
 
-    if tokenizer is None:
-        return GLMTokenizer.from_pretrained(model_dir)
-    kind, sep, path = tokenizer.partition(":")
-    if sep and kind in KINDS:
-        return GLMTokenizer.from_files(kind, path)
-    return GLMTokenizer.from_pretrained(tokenizer)
+    return GLMTokenizer.from_spec(tokenizer if tokenizer is not None else model_dir)
 
 
 def _read_lines(stream: TextIO) -> Iterator[str]:

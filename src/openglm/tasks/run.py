@@ -422,11 +422,10 @@ def _device(name: str) -> torch.device:
 def load_tokenizer(model_dir: str | os.PathLike, tokenizer: str | os.PathLike | None) -> Any:
     from openglm.tokenizer import GLMTokenizer
 
-    source = Path(tokenizer) if tokenizer else Path(model_dir)
     try:
-        return GLMTokenizer.from_pretrained(source)
+        return GLMTokenizer.from_spec(tokenizer or model_dir)
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"{err} -- pass --tokenizer DIR (a saved openglm tokenizer)") from None
+        raise FileNotFoundError(f"{err} -- pass --tokenizer DIR or KIND:VOCAB_PATH") from None
 
 
 def load_model(

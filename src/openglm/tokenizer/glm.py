@@ -521,6 +521,15 @@ class GLMTokenizer:
         return cls.from_files(kind, Path(vocab_dir) / file, **(pretrain if pretraining else finetune))
 
     @classmethod
+    def from_spec(cls, spec: str | os.PathLike) -> GLMTokenizer:
+        """A tokenizer named on a command line: "KIND:VOCAB_PATH" (e.g. "gpt2:gpt2-vocab.json", merges found next
+        to it) or a saved tokenizer directory."""
+        kind, sep, path = os.fspath(spec).partition(":")
+        if sep and kind in KINDS:
+            return cls.from_files(kind, path)
+        return cls.from_pretrained(spec)
+
+    @classmethod
     def _from_tokenizer_json(cls, data: bytes, path: Path) -> GLMTokenizer:
         text = _tokenizer_json_text(data, path)
         commands, n = _trained_commands(text, path)
