@@ -183,6 +183,39 @@ def test_finetune_seq2seq_end_to_end(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["step"] == 3
 
 
+def test_lora_seq2seq_trains_grown_position_rows(tmp_path: Path) -> None:
+    """With LoRA the backbone is frozen, but position rows grown for a longer source start random, so the
+    position tables train in full; the kept model is a plain GLM with the merged adapters."""
+    pytest.importorskip("rouge_score")
+    from openglm.lora import LoRASettings
+
+    base = tiny_checkpoint(tmp_path / "base", bert_tokenizer())
+    rows = [{"document": "the fox jumps over the dog.\nit was sunny.", "summary": "fox jumps"}]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    result = finetune_seq2seq(
+        str(base),
+        str(tmp_path / "train.jsonl"),
+        str(tmp_path / "run"),
+        src_seq_length=80,
+        tgt_seq_length=6,
+        max_steps=3,
+        batch_size=1,
+        lr=1e-2,
+        warmup=0.0,
+        progress=False,
+        device="cpu",
+        lora=LoRASettings(rank=2, targets=("query_key_value",)),
+    )
+    before, after = (
+        GLMModel.from_pretrained(base).state_dict(),
+        GLMModel.from_pretrained(result["best"]).state_dict(),
+    )
+    changed = {k for k in before if before[k].shape != after[k].shape or not torch.equal(before[k], after[k])}
+    qkv = {k for k in before if k.endswith("query_key_value.weight")}
+    positions = {"transformer.position_embeddings.weight", "transformer.block_position_embeddings.weight"}
+    assert changed == qkv | positions
+
+
 def test_explicit_mask_token() -> None:
     from openglm.tasks.seq2seq import resolve_mask
     from openglm.tokenizer import GLMTokenizer

@@ -31,12 +31,15 @@ class LoRASettings:
         dropout: dropout on the adapter's input during training.
         targets: names of the linear layers to adapt (the last part of the module name, e.g. `query_key_value`
             matches the QKV projection of every layer).
+        train_also: modules of the GLM that keep training in full (last part of the module name), e.g. the
+            position tables after they were grown for longer inputs (their new rows start random).
     """
 
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     targets: tuple[str, ...] = ALL_TARGETS
+    train_also: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -49,6 +52,7 @@ class LoRASettings:
                 f"LoRA targets must be a non-empty subset of {ALL_TARGETS}; got {list(self.targets)}"
             )
         object.__setattr__(self, "targets", tuple(self.targets))
+        object.__setattr__(self, "train_also", tuple(self.train_also))
 
 
 class LoRALinear(nn.Module):
@@ -82,7 +86,8 @@ class LoRALinear(nn.Module):
 def add_lora(model: nn.Module, settings: LoRASettings) -> int:
     """Freeze every GLM inside `model` and give its target linear layers adapters, in place.
 
-    Parameters outside the GLMs (e.g. a classifier head) stay trainable, since nothing pretrained them.
+    Parameters outside the GLMs (e.g. a classifier head) stay trainable, since nothing pretrained them, and so
+    do the GLM modules named in `settings.train_also`.
 
     Args:
         model: a `GLMModel` or a module containing one.
@@ -103,6 +108,9 @@ def add_lora(model: nn.Module, settings: LoRASettings) -> int:
                 adapter = LoRALinear(module, settings.rank, settings.alpha, settings.dropout)
                 setattr(glm.get_submodule(parent_name), leaf, adapter)
                 adapted += 1
+        for name, module in glm.named_modules():
+            if name.rpartition(".")[2] in settings.train_also:
+                module.requires_grad_(True)
     if not adapted:
         raise ValueError(f"LoRA: no linear layer named {list(settings.targets)} in the model")
     return adapted

@@ -7,6 +7,7 @@ attended), and Part B = [sop] + target predicts target + [eop] at the mask's pos
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -277,6 +278,9 @@ def smoothed_loss_fn(epsilon: float):
     return loss_fn
 
 
+POSITION_TABLES = ("position_embeddings", "block_position_embeddings")
+
+
 def extend_positions(model: nn.Module, max_sequence_length: int) -> bool:
     """Grow the position tables to `max_sequence_length` (spec F.4, I.15): new rows are drawn from
     N(0, initializer_range) and trained during fine-tuning; existing rows are kept. Returns whether it grew."""
@@ -286,10 +290,10 @@ def extend_positions(model: nn.Module, max_sequence_length: int) -> bool:
     old_rows = config.position_table_rows
     config.max_sequence_length = max_sequence_length
     rows = config.position_table_rows
-    tables = [("position_embeddings", model.transformer.position_embeddings)]
-    if getattr(model.transformer, "block_position_embeddings", None) is not None:
-        tables.append(("block_position_embeddings", model.transformer.block_position_embeddings))
+    tables = [(name, getattr(model.transformer, name, None)) for name in POSITION_TABLES]
     for name, table in tables:
+        if table is None:  # no block position table
+            continue
         grown = nn.Embedding(rows, table.embedding_dim, device=table.weight.device, dtype=table.weight.dtype)
         with torch.no_grad():
             grown.weight.normal_(0.0, config.initializer_range)
@@ -524,7 +528,12 @@ def finetune_seq2seq(
     out = Path(out_dir)
     tokenizer = GLMTokenizer.from_pretrained(tokenizer_dir or model_dir)
     model = GLMModel.from_pretrained(model_dir)
-    extend_positions(model, src_seq_length)
+    if extend_positions(model, src_seq_length) and lora is not None:
+        # The new position rows start random: LoRA alone could never train them.
+        lora = dataclasses.replace(lora, train_also=(*lora.train_also, *POSITION_TABLES))
+        logger.info(
+            "position tables grown to %d: they train in full next to the LoRA adapters", src_seq_length
+        )
     mask_id = resolve_mask(tokenizer, mask_token)
     train_pairs = read_pairs(train_data, "train")
     dev_pairs = read_pairs(dev_data, "dev") if dev_data is not None else None
