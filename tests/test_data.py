@@ -137,6 +137,50 @@ def test_prepare_bad_input(tmp_path: Path, tok_dir: Path) -> None:
         ShardedCorpus(tmp_path / "e")
 
 
+def test_prepare_prompt_field(tmp_path: Path, tok_dir: Path, tokenizer) -> None:
+    """With --prompt-field, a JSON line's prompt precedes its text (each tokenized on its own), the shards
+    record the prompt's length, and plain-text documents of the same run have none."""
+    records = [
+        {"question": "what is the capital of france?", "answer": "paris."},
+        {"question": "", "answer": "no prompt here."},
+        {"answer": "the prompt field is missing."},
+        {"question": "only a prompt.", "answer": " "},
+    ]
+    (tmp_path / "qa.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
+    (tmp_path / "plain.txt").write_text("a plain document.\n", encoding="utf-8")
+    out = tmp_path / "out"
+    summary = prepare_corpus(
+        input=[str(tmp_path / "qa.jsonl"), str(tmp_path / "plain.txt")],
+        tokenizer=str(tok_dir),
+        out=str(out),
+        jsonl_field="answer",
+        prompt_field="question",
+        workers=0,
+        shard_tokens=8,
+    )
+    assert summary["skipped"] == {"missing or non-string field 'question'": 1}
+    corpus = ShardedCorpus(out)
+    question = tokenizer.encode("what is the capital of france?")
+    expected = [question + tokenizer.encode("paris."), tokenizer.encode("no prompt here.")]
+    expected.append(tokenizer.encode("a plain document."))
+    assert [corpus[i].tolist() for i in range(len(corpus))] == expected
+    assert corpus.prompt_lengths.tolist() == [len(question), 0, 0]
+    assert all("prompt" in shard for shard in corpus.manifest["shards"])
+    assert corpus.subset([2, 0]).prompt_lengths.tolist() == [0, len(question)]
+    # Shards without prompt files (every corpus prepared without a prompt field) read as prompt-free.
+    plain = tmp_path / "plain"
+    prepare_corpus(input=[str(tmp_path / "plain.txt")], tokenizer=str(tok_dir), out=str(plain), workers=0)
+    assert ShardedCorpus(plain).prompt_lengths.tolist() == [0]
+    assert not list(plain.glob("*.prompt.npy"))
+
+
+def test_prompt_lengths_are_checked() -> None:
+    with pytest.raises(ValueError, match="document 1 has prompt length 4 but 3 tokens"):
+        InMemoryCorpus([[10, 11], [10, 11, 12]], prompt_lengths=[1, 4])
+    with pytest.raises(ValueError, match="1 prompt lengths for 2 documents"):
+        InMemoryCorpus([[10, 11], [10, 11, 12]], prompt_lengths=[1])
+
+
 def test_cli_prepare(tmp_path: Path, tok_dir: Path, capsys: pytest.CaptureFixture) -> None:
     src = tmp_path / "c.txt"
     src.write_text(TEXT, encoding="utf-8")
@@ -207,6 +251,39 @@ def test_sample_assembly() -> None:
                 assert tuple(piece[:-1].tolist()) in doc_texts
     assert np.mean(lengths) > 0.9 * 256  # packing fills the sequence
     assert 0 < multi < 200
+
+
+def test_prompt_tokens_have_no_loss_in_prefix_lm_rows() -> None:
+    """Prompt tokens (ids 1000..1099 here) get loss mask 0 in every assembled sample, through cropping and
+    packing; the document objective's prefix-LM rows then take no loss on them, as on [CLS]."""
+    corpus, special = synthetic(num_docs=200)
+    rng = np.random.default_rng(1)
+    short = [doc[:200] for doc in corpus.documents]  # some fit whole, some are cropped
+    prompt_lengths = rng.integers(0, 40, size=len(short)).clip(max=[len(d) for d in short])
+    docs = []
+    for doc, p in zip(short, prompt_lengths, strict=True):
+        doc = doc.copy()
+        doc[:p] = rng.integers(1000, 1100, size=p)
+        docs.append(doc)
+    prompted = InMemoryCorpus(docs, prompt_lengths=prompt_lengths)
+    is_prompt = lambda t: (t >= 1000) & (t < 1100)  # noqa: E731
+    assemble = SampleAssembler(prompted, special, seq_length=128, seed=0)
+    saw_prompt = 0
+    for index in range(300):
+        tokens, mask = assemble(index)
+        np.testing.assert_array_equal(mask, ~is_prompt(tokens) & (tokens != special.cls))
+        saw_prompt += int(is_prompt(tokens).any())
+    assert saw_prompt > 50
+    objective = ObjectiveConfig(bert_prob=0.0, gpt_suffix_prob=1.0)
+    data = PretrainingBatches(prompted, special, objective, seq_length=128, batch_size=8, seed=0)
+    supervised = prompt_targets = 0
+    for step in range(20):
+        batch = data.batch(step)
+        on = batch["loss_mask"] > 0
+        assert not is_prompt(batch["targets"][on]).any()
+        supervised += int(on.sum())
+        prompt_targets += int(is_prompt(batch["targets"][batch["position_ids"][:, 1] > 0]).sum())
+    assert supervised > 0 and prompt_targets > 0  # prompts do reach Part B, unsupervised
 
 
 def test_weighting_by_length() -> None:

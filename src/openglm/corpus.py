@@ -99,13 +99,20 @@ def iter_documents(
     text_format: Literal["paragraphs", "lines"] = "paragraphs",
     jsonl_field: str = "text",
     strict: bool = False,
-) -> Iterator[str]:
+    prompt_field: str | None = None,
+) -> Iterator[str] | Iterator[tuple[str, str]]:
     """Stream documents as strings, line by line (never a whole file in memory).
 
     Plain text: documents are separated by blank lines ("paragraphs") or are single lines ("lines").
     JSON lines (.jsonl/.json/.ndjson, optionally .gz): the string field `jsonl_field` of each object.
-    Bad input is counted in `report` (or raises ValueError naming file:line when `strict`).
+    With `prompt_field`, every document is a `(prompt, text)` pair instead: the prompt is that string field
+    of a JSON object (required there), and "" for plain-text documents. Bad input is counted in `report`
+    (or raises ValueError naming file:line when `strict`).
     """
+
+    def plain(text: str) -> str | tuple[str, str]:
+        return text if prompt_field is None else ("", text)
+
     for path in files:
         report.files += 1
         jsonl = is_jsonl(path)
@@ -135,25 +142,34 @@ def iter_documents(
                     if not isinstance(value, str):
                         report.skip(f"missing or non-string field {jsonl_field!r}", where, strict)
                         continue
+                    if prompt_field is None:
+                        if value.strip():
+                            emitted += 1
+                            yield value
+                        continue
+                    prompt = record.get(prompt_field)
+                    if not isinstance(prompt, str):
+                        report.skip(f"missing or non-string field {prompt_field!r}", where, strict)
+                        continue
                     if value.strip():
                         emitted += 1
-                        yield value
+                        yield prompt, value
                     continue
                 if text_format == "lines":
                     if line.strip():
                         emitted += 1
-                        yield line.rstrip("\r\n")
+                        yield plain(line.rstrip("\r\n"))
                     continue
                 if line.strip():
                     lines.append(line)
                     continue
                 if lines and not bad_doc:
                     emitted += 1
-                    yield "".join(lines).strip()
+                    yield plain("".join(lines).strip())
                 lines, bad_doc = [], False
         if lines and not bad_doc:
             emitted += 1
-            yield "".join(lines).strip()
+            yield plain("".join(lines).strip())
         report.documents += emitted
         if emitted == 0:
             report.skip("no documents in this file (empty?)", str(path), strict)

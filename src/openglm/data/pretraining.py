@@ -19,6 +19,7 @@ from openglm.blank_infilling import (
     SpecialTokens,
     pad_rows,
 )
+from openglm.data.shards import document_prompt_lengths
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,8 @@ class Corpus(Protocol):
     """What sample assembly needs from a tokenized corpus (ShardedCorpus and InMemoryCorpus have it)."""
 
     doc_lengths: np.ndarray  # int64 [num_docs], tokens per document (no eos)
+    # Optional int64 [num_docs]: leading prompt tokens per document, loss mask 0 (absent: no prompts).
+    prompt_lengths: np.ndarray
 
     def __len__(self) -> int: ...
 
@@ -76,50 +79,58 @@ class SampleAssembler:
         self.seed = seed
         self.sentence_start = sentence_start
         self.cum_weights = np.cumsum(lengths + 1)  # +1: the eos appended to every document
+        self.prompt_lengths = document_prompt_lengths(corpus)
 
-    def _draw_document(self, rng: np.random.Generator) -> np.ndarray:
+    def _draw_document(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """A document with its eos appended, and its loss mask (0 on a prompt, 1 on text and eos)."""
         doc = int(np.searchsorted(self.cum_weights, rng.integers(self.cum_weights[-1]), side="right"))
         tokens = np.asarray(self.corpus[doc], dtype=np.int64)
-        return np.concatenate((tokens, [self.special.eos]))
+        mask = np.ones(tokens.shape[0] + 1, dtype=np.int64)
+        mask[: self.prompt_lengths[doc]] = 0
+        return np.concatenate((tokens, [self.special.eos])), mask
 
-    def _right_strip(self, tokens: np.ndarray, limit: int) -> np.ndarray:
-        """Cut to at most `limit` tokens, back to a sentence end if that keeps at least limit // 2."""
+    def _right_strip(self, tokens: np.ndarray, limit: int) -> int:
+        """How many of `tokens` to keep: at most `limit`, back to a sentence end if that keeps limit // 2."""
         n = tokens.shape[0]
         if n <= limit:
-            return tokens
+            return n
         ends = np.flatnonzero(self.special.is_sentence_end(tokens[:limit]))
         keep = int(ends[-1]) + 1 if ends.size else 0
         if keep < limit // 2 or keep < 1:
             keep = limit
-        return tokens[:keep]
+        return keep
 
     def __call__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Sample `index`: (tokens int64 [<= seq_length], loss_mask int64, 0 on every [CLS])."""
+        """Sample `index`: (tokens int64 [<= seq_length], loss_mask int64: 0 on every [CLS] and prompt)."""
         rng = np.random.default_rng([self.seed, _SAMPLE_SALT, index])
         seq, cls = self.seq_length, self.special.cls
-        doc = self._draw_document(rng)
+        doc, doc_mask = self._draw_document(rng)
         excess = doc.shape[0] - (seq - 1)
         if excess > 0:
             start = int(rng.integers(excess))
             if self.sentence_start:
                 start = self._align_start(rng, doc, start)
             piece = np.concatenate(([cls], doc[start:]))
-            pieces = [self._right_strip(piece, seq)]
+            keep = self._right_strip(piece, seq)
+            pieces = [piece[:keep]]
+            masks = [np.concatenate(([0], doc_mask[start:]))[:keep]]
         else:
             pieces = [np.concatenate(([cls], doc))]
+            masks = [np.concatenate(([0], doc_mask))]
             total = pieces[0].shape[0]
             while total < seq:
-                piece = np.concatenate(([cls], self._draw_document(rng)))
+                doc, doc_mask = self._draw_document(rng)
+                piece = np.concatenate(([cls], doc))
                 last = piece.shape[0] >= seq - total
-                piece = self._right_strip(piece, seq - total)
-                pieces.append(piece)
-                total += piece.shape[0]
+                keep = self._right_strip(piece, seq - total)
+                pieces.append(piece[:keep])
+                masks.append(np.concatenate(([0], doc_mask))[:keep])
+                total += keep
                 if last:
                     # The official packing stops at the piece that reached the end, even when its
                     # sentence-aligned strip leaves the sample short.
                     break
-        tokens = np.concatenate(pieces)
-        return tokens, (tokens != cls).astype(np.int64)
+        return np.concatenate(pieces), np.concatenate(masks)
 
     def _align_start(self, rng: np.random.Generator, doc: np.ndarray, start: int) -> int:
         """Move a crop start to just after a sentence end, up to seq/2 tokens back or forward (50/50)."""

@@ -1,7 +1,10 @@
 """Corpus -> token shards (`openglm data prepare`) and the readers over them (spec C.1 input side).
 
 A shard directory holds `manifest.json`, and per shard a flat token file (`shard-NNNNN.bin`, uint16 when
-the vocabulary fits, else uint32) with a document index (`shard-NNNNN.idx.npy`, int64 offsets [docs+1])."""
+the vocabulary fits, else uint32) with a document index (`shard-NNNNN.idx.npy`, int64 offsets [docs+1]).
+Corpora prepared with a prompt field also have `shard-NNNNN.prompt.npy` (int32 [docs]): how many leading
+tokens of each document are prompt: their loss mask is 0 (spec C.1), which the prefix-LM rows of the
+document objective honour (C.6) and token/sentence rows ignore, as officially."""
 
 from __future__ import annotations
 
@@ -33,9 +36,14 @@ MANIFEST = "manifest.json"
 class InMemoryCorpus:
     """Tokenized documents held in memory (tests, small corpora, fixture samples)."""
 
-    def __init__(self, documents: Sequence[Sequence[int] | np.ndarray]) -> None:
+    def __init__(
+        self,
+        documents: Sequence[Sequence[int] | np.ndarray],
+        prompt_lengths: Sequence[int] | np.ndarray | None = None,
+    ) -> None:
         self.documents = [np.asarray(d, dtype=np.int64) for d in documents]
         self.doc_lengths = np.array([d.shape[0] for d in self.documents], dtype=np.int64)
+        self.prompt_lengths = _prompt_lengths(prompt_lengths, self.doc_lengths)
 
     def __len__(self) -> int:
         return len(self.documents)
@@ -70,6 +78,13 @@ class ShardedCorpus:
         )
         self._first_doc = np.cumsum([0] + [len(o) - 1 for o in self._offsets])
         self._maps: list[np.memmap | None] = [None] * len(self._offsets)
+        prompts = [
+            np.load(self.path / s["prompt"]) if "prompt" in s else np.zeros(len(o) - 1, dtype=np.int32)
+            for s, o in zip(self.manifest["shards"], self._offsets, strict=True)
+        ]
+        self.prompt_lengths = _prompt_lengths(
+            np.concatenate(prompts) if prompts else None, self.doc_lengths, manifest_path
+        )
 
     @property
     def num_tokens(self) -> int:
@@ -114,12 +129,36 @@ class CorpusSubset:
         self.corpus = corpus
         self.doc_ids = np.asarray(doc_ids, dtype=np.int64)
         self.doc_lengths = np.asarray(corpus.doc_lengths, dtype=np.int64)[self.doc_ids]
+        self.prompt_lengths = document_prompt_lengths(corpus)[self.doc_ids]
 
     def __len__(self) -> int:
         return int(self.doc_ids.shape[0])
 
     def __getitem__(self, index: int) -> np.ndarray:
         return self.corpus[int(self.doc_ids[index])]
+
+
+def document_prompt_lengths(corpus: Any) -> np.ndarray:
+    """int64 [num_docs]: the prompt tokens at the start of each document (zeros for corpora without)."""
+    lengths = getattr(corpus, "prompt_lengths", None)
+    if lengths is None:
+        return np.zeros(len(corpus.doc_lengths), dtype=np.int64)
+    return np.asarray(lengths, dtype=np.int64)
+
+
+def _prompt_lengths(lengths: Any, doc_lengths: np.ndarray, where: object = "prompt_lengths") -> np.ndarray:
+    if lengths is None:
+        return np.zeros(doc_lengths.shape[0], dtype=np.int64)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if lengths.shape != doc_lengths.shape:
+        raise ValueError(f"{where}: {lengths.shape[0]} prompt lengths for {doc_lengths.shape[0]} documents")
+    bad = np.flatnonzero((lengths < 0) | (lengths > doc_lengths))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"{where}: document {i} has prompt length {int(lengths[i])} but {int(doc_lengths[i])} tokens"
+        )
+    return lengths
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -129,14 +168,18 @@ class CorpusSubset:
 class ShardWriter:
     """Appends tokenized documents to size-capped shards; `close()` writes the manifest last."""
 
-    def __init__(self, out: Path, dtype: np.dtype, shard_tokens: int, meta: dict[str, Any]) -> None:
+    def __init__(
+        self, out: Path, dtype: np.dtype, shard_tokens: int, meta: dict[str, Any], prompts: bool = False
+    ) -> None:
         self.out = out
+        self.prompts = prompts  # write per-document prompt lengths
         self.dtype = np.dtype(dtype)
         self.shard_tokens = shard_tokens
         self.meta = meta
         self.shards: list[dict[str, Any]] = []
         self._handle = None
         self._offsets: list[int] = [0]
+        self._prompt_lengths: list[int] = []
         self._tmp: Path | None = None
         self.num_docs = 0
         self.num_tokens = 0
@@ -146,12 +189,14 @@ class ShardWriter:
         self._tmp = self.out / f".{name}.bin.tmp"
         self._handle = open(self._tmp, "wb")  # noqa: SIM115
         self._offsets = [0]
+        self._prompt_lengths = []
 
-    def add(self, tokens: np.ndarray) -> None:
+    def add(self, tokens: np.ndarray, prompt_length: int = 0) -> None:
         if self._handle is None:
             self._open()
         self._handle.write(np.asarray(tokens).astype(self.dtype, copy=False).tobytes())
         self._offsets.append(self._offsets[-1] + int(tokens.shape[0]))
+        self._prompt_lengths.append(prompt_length)
         self.num_docs += 1
         self.num_tokens += int(tokens.shape[0])
         if self._offsets[-1] >= self.shard_tokens:
@@ -166,15 +211,14 @@ class ShardWriter:
         index = io.BytesIO()
         np.save(index, np.asarray(self._offsets, dtype=np.int64))
         write_bytes_atomic(self.out / f"{name}.idx.npy", index.getvalue())
+        entry = {"tokens": f"{name}.bin", "index": f"{name}.idx.npy"}
+        if self.prompts:
+            prompts = io.BytesIO()
+            np.save(prompts, np.asarray(self._prompt_lengths, dtype=np.int32))
+            write_bytes_atomic(self.out / f"{name}.prompt.npy", prompts.getvalue())
+            entry["prompt"] = f"{name}.prompt.npy"
         os.replace(self._tmp, self.out / f"{name}.bin")
-        self.shards.append(
-            {
-                "tokens": f"{name}.bin",
-                "index": f"{name}.idx.npy",
-                "num_docs": len(self._offsets) - 1,
-                "num_tokens": self._offsets[-1],
-            }
-        )
+        self.shards.append({**entry, "num_docs": len(self._offsets) - 1, "num_tokens": self._offsets[-1]})
 
     def close(self) -> dict[str, Any]:
         self._finish_shard()
@@ -197,8 +241,9 @@ class ShardWriter:
         if self._tmp is not None and self._tmp.exists():
             self._tmp.unlink()
         for shard in self.shards:
-            for key in ("tokens", "index"):
-                (self.out / shard[key]).unlink(missing_ok=True)
+            for key in ("tokens", "index", "prompt"):
+                if key in shard:
+                    (self.out / shard[key]).unlink(missing_ok=True)
         self.shards = []
 
 
@@ -216,18 +261,32 @@ def _init_worker(path: str) -> None:
     _WORKER_TOKENIZER = _load_tokenizer(path)
 
 
-def _encode_chunk(texts: list[str], standardize: bool) -> list[np.ndarray]:
+Document = str | tuple[str, str]  # a text, or (prompt, text) with --prompt-field
+
+
+def _encode_chunk(docs: list[Document], standardize: bool) -> list[tuple[np.ndarray, int]]:
+    """Token ids and prompt length per document; a prompt is tokenized on its own, then the text."""
+    prompts = [d[0] if isinstance(d, tuple) else "" for d in docs]
+    texts = [d[1] if isinstance(d, tuple) else d for d in docs]
     if standardize:
+        prompts = [ascii_punctuation(t) for t in prompts]
         texts = [ascii_punctuation(t) for t in texts]
-    return [np.asarray(ids, dtype=np.int64) for ids in _WORKER_TOKENIZER.encode_batch(texts)]
+    encoded = _WORKER_TOKENIZER.encode_batch(texts)
+    if not any(prompts):
+        return [(np.asarray(ids, dtype=np.int64), 0) for ids in encoded]
+    prompt_ids = _WORKER_TOKENIZER.encode_batch(prompts)
+    return [
+        (np.asarray(list(p) + list(t), dtype=np.int64), len(p))
+        for p, t in zip(prompt_ids, encoded, strict=True)
+    ]
 
 
-def _chunks(docs: Iterator[str], max_docs: int, max_chars: int) -> Iterator[list[str]]:
-    chunk: list[str] = []
+def _chunks(docs: Iterator[Document], max_docs: int, max_chars: int) -> Iterator[list[Document]]:
+    chunk: list[Document] = []
     chars = 0
     for doc in docs:
         chunk.append(doc)
-        chars += len(doc)
+        chars += sum(map(len, doc)) if isinstance(doc, tuple) else len(doc)
         if len(chunk) >= max_docs or chars >= max_chars:
             yield chunk
             chunk, chars = [], 0
@@ -241,6 +300,7 @@ def prepare_corpus(
     out: str | None = None,
     text_format: Literal["paragraphs", "lines"] = "paragraphs",
     jsonl_field: str = "text",
+    prompt_field: str | None = None,
     pattern: str = "*",
     workers: int | None = None,
     shard_tokens: int = 1 << 28,
@@ -259,6 +319,10 @@ def prepare_corpus(
         out: the output directory (created; refused if it already holds shards unless `overwrite`).
         text_format: plain text documents are separated by blank lines ("paragraphs") or are lines ("lines").
         jsonl_field: the string field holding a document in JSON lines files.
+        prompt_field: JSON lines only: a string field that precedes the text as a prompt (e.g. a question
+            before its answer). The two are tokenized separately and joined; the prompt's tokens get loss
+            mask 0, which the document objective's prefix-LM rows honour (spec C.1, C.6). Plain-text
+            documents in the same run have no prompt.
         pattern: file name pattern inside directories.
         workers: tokenizer processes (default: the CPU count, at most 8; 0 = tokenize in this process).
         shard_tokens: tokens per shard before a new one is started.
@@ -304,13 +368,14 @@ def prepare_corpus(
         "inputs": [str(p) for p in files],
         "text_format": text_format,
         "jsonl_field": jsonl_field,
+        "prompt_field": prompt_field,
         "standardize_punctuation": standardize_punctuation,
     }
     report = InputReport()
-    writer = ShardWriter(out_dir, dtype, shard_tokens, meta)
+    writer = ShardWriter(out_dir, dtype, shard_tokens, meta, prompts=prompt_field is not None)
     if workers is None:
         workers = min(8, os.cpu_count() or 1)
-    docs = iter_documents(files, report, text_format, jsonl_field, strict)
+    docs = iter_documents(files, report, text_format, jsonl_field, strict, prompt_field)
     chunks = _chunks(docs, max_docs=256, max_chars=1 << 20)
     bar = tqdm(total=None, unit="doc", desc="tokenizing", disable=not progress, mininterval=2.0)
     empty_docs = 0
@@ -318,7 +383,9 @@ def prepare_corpus(
         if workers == 0:
             global _WORKER_TOKENIZER
             _WORKER_TOKENIZER = tok
-            results: Iterator[list[np.ndarray]] = (_encode_chunk(c, standardize_punctuation) for c in chunks)
+            results: Iterator[list[tuple[np.ndarray, int]]] = (
+                _encode_chunk(c, standardize_punctuation) for c in chunks
+            )
             for encoded in results:
                 empty_docs += _write_chunk(writer, encoded, vocab, bar)
         else:
@@ -369,14 +436,14 @@ def prepare_corpus(
     }
 
 
-def _write_chunk(writer: ShardWriter, encoded: list[np.ndarray], vocab: int, bar: Any) -> int:
+def _write_chunk(writer: ShardWriter, encoded: list[tuple[np.ndarray, int]], vocab: int, bar: Any) -> int:
     empty = 0
-    for ids in encoded:
-        if ids.shape[0] == 0:
+    for ids, prompt_length in encoded:
+        if ids.shape[0] == prompt_length:  # no text tokens: nothing to learn from
             empty += 1
             continue
         if vocab and (ids.min() < 0 or ids.max() >= max(vocab, 1)):
             raise ValueError(f"tokenizer produced id {int(ids.max())} outside its vocabulary of {vocab}")
-        writer.add(ids)
+        writer.add(ids, prompt_length)
     bar.update(len(encoded))
     return empty
