@@ -3,6 +3,7 @@ pipeline on the fixture's own samples, and invariants (rebuild, positions, deter
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from functools import cache
 from itertools import pairwise
@@ -494,6 +495,49 @@ def test_dblock_only_in_token_mode() -> None:
     assert not any(np.any(r.tokens == special.dblock) for r in sentence.rows)
     for r in token.rows:  # targets keep the real tokens
         assert not np.any(r.targets == special.dblock)
+
+
+@pytest.mark.parametrize("mode", ["token", "sentence", "document"])
+def test_context_mask(mode: str) -> None:
+    """context_mask_ratio: Part A text tokens within context_mask_range of a span become [dBLOCK] with that
+    probability; nothing else in Part A changes, and Part B (inputs and targets) keeps the real tokens."""
+    special = SpecialTokens(cls=1, eos=0, mask=2, sop=3, eop=4, smask=6, gmask=7, dblock=8)
+    special.sentence_end = np.zeros(8000, dtype=bool)
+    special.sentence_end[4000:] = True  # ids >= 4000 end a sentence
+    rng = np.random.default_rng(0)
+    # Every id occurs once in the whole batch, so a row's sample can be found from any of its span tokens
+    # and Part A can be checked token by token.
+    ids = rng.permutation(np.arange(10, 10 + 32 * 120)).reshape(32, 120)
+    ids[rng.random(ids.shape) < 0.1] += 4000
+    samples = [np.concatenate(([special.cls], body, [special.eos])) for body in ids]
+    cfg = ObjectiveConfig(task_mask=True, gpt_suffix_prob=0.0).only(mode)
+    for ratio, reach in ((1.0, 3), (0.5, 2)):
+        ctx = dataclasses.replace(cfg, context_mask_ratio=ratio, context_mask_range=reach)
+        batch = BlankInfilling(ctx, special)(samples, np.random.default_rng(1))
+        candidates = masked = 0
+        for row in batch.rows:
+            sample = next(s for s in samples if row.targets[row.sep] in s)
+            n, near, inside = len(sample), np.zeros(len(sample), bool), np.zeros(len(sample), bool)
+            for start, end in row.spans:
+                near[max(0, start - reach) : end + reach] = True
+                inside[start:end] = True
+            near &= ~inside & (sample != special.cls) & (sample != special.eos)
+            keep = np.ones(n, dtype=bool)
+            for start, end in row.spans:
+                keep[start + 1 : end] = False
+            part_a, near_a = row.tokens[: row.sep], near[keep]
+            starts = np.isin(np.flatnonzero(keep), [s for s, _ in row.spans])
+            np.testing.assert_array_equal(part_a[~near_a & ~starts], sample[keep][~near_a & ~starts])
+            assert np.all((part_a[near_a] == special.dblock) | (part_a[near_a] == sample[keep][near_a]))
+            candidates += int(near_a.sum())
+            masked += int((part_a[near_a] == special.dblock).sum())
+            assert not np.any(row.tokens[row.sep :] == special.dblock)  # Part B untouched
+            for start, end in row.spans:
+                assert set(sample[start:end].tolist()) <= set(row.targets[row.sep :].tolist())
+        assert candidates > 100
+        assert masked == candidates if ratio == 1.0 else 0.4 < masked / candidates < 0.6
+    with pytest.raises(ValueError, match="context_mask_ratio > 0 needs a tokenizer with"):
+        BlankInfilling(ObjectiveConfig(context_mask_ratio=0.1), SpecialTokens(1, 0, 2, 3, 4))
 
 
 def test_sentence_spans_rules() -> None:

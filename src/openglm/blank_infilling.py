@@ -40,6 +40,11 @@ class ObjectiveConfig:
     gpt_suffix_prob: float = 0.5
     gpt_min_ratio: float = 0.5  # document mode: G_max >= gpt_min_ratio * (shortest sample length)
     block_mask_prob: float = 0.0  # token mode: each Part B span input token becomes [dBLOCK] with this prob
+    # Official --context-mask-ratio (C.9): Part A text tokens within `context_mask_range` tokens of a span
+    # (before its start or after its end) each become [dBLOCK] with this probability, in every block layout,
+    # so the model cannot lean on a blank's immediate neighbours alone. [CLS], eos and masks are kept.
+    context_mask_ratio: float = 0.0
+    context_mask_range: int = 3
     short_seq_prob: float = 0.0  # per batch: split every sample into short sentence-aligned pieces
     single_span_prob: float = 0.0  # per batch: token mode with exactly one span per sample
     task_mask: bool = False  # sentence mode uses [sMASK] and document mode [gMASK] (else [MASK])
@@ -62,6 +67,7 @@ class ObjectiveConfig:
             "gpt_suffix_prob": self.gpt_suffix_prob,
             "gpt_min_ratio": self.gpt_min_ratio,
             "block_mask_prob": self.block_mask_prob,
+            "context_mask_ratio": self.context_mask_ratio,
             "short_seq_prob": self.short_seq_prob,
             "single_span_prob": self.single_span_prob,
         }
@@ -72,6 +78,10 @@ class ObjectiveConfig:
             raise ValueError(
                 f"ObjectiveConfig: bert_prob + gap_sentence_prob must be <= 1, got "
                 f"{self.bert_prob} + {self.gap_sentence_prob}"
+            )
+        if self.context_mask_range < 1:
+            raise ValueError(
+                f"ObjectiveConfig.context_mask_range must be >= 1, got {self.context_mask_range}"
             )
         if self.max_block_length < 2:
             raise ValueError(f"ObjectiveConfig.max_block_length must be >= 2, got {self.max_block_length}")
@@ -525,8 +535,9 @@ class BlankInfilling:
         self.span_probs = span_length_distribution(config.average_block_length, config.max_block_length)
         if config.task_mask and (special.smask is None or special.gmask is None):
             raise ValueError("ObjectiveConfig.task_mask needs a tokenizer with [sMASK] and [gMASK]")
-        if config.block_mask_prob > 0 and special.dblock is None:
-            raise ValueError("ObjectiveConfig.block_mask_prob > 0 needs a tokenizer with [dBLOCK]")
+        for knob in ("block_mask_prob", "context_mask_ratio"):
+            if getattr(config, knob) > 0 and special.dblock is None:
+                raise ValueError(f"ObjectiveConfig.{knob} > 0 needs a tokenizer with [dBLOCK]")
         self.sentence_mask = special.smask if config.task_mask else special.mask
         self.generation_mask = special.gmask if config.task_mask else special.mask
 
@@ -632,6 +643,8 @@ class BlankInfilling:
         token_mode: bool,
     ) -> Row:
         ordered = self._shuffle(rng, spans)
+        if self.config.context_mask_ratio > 0:
+            tokens = self._mask_context(rng, tokens, spans)
         dblock = None
         if token_mode and self.config.block_mask_prob > 0:
             total = sum(e - s for s, e in ordered)
@@ -649,6 +662,22 @@ class BlankInfilling:
             if last < self.config.max_position - 1:
                 row.position_ids[0] += int(rng.integers(0, self.config.max_position - last))
         return row
+
+    def _mask_context(
+        self, rng: np.random.Generator, tokens: np.ndarray, spans: list[tuple[int, int]]
+    ) -> np.ndarray:
+        """A copy of `tokens` with some neighbours of the spans replaced by [dBLOCK] (context_mask_ratio)."""
+        n, reach = tokens.shape[0], self.config.context_mask_range
+        near = np.zeros(n, dtype=bool)
+        in_span = np.zeros(n, dtype=bool)
+        for start, end in spans:
+            near[max(0, start - reach) : min(n, end + reach)] = True
+            in_span[start:end] = True
+        near &= ~in_span & (tokens != self.special.cls) & (tokens != self.special.eos)
+        chosen = near & (rng.random(n) < self.config.context_mask_ratio)
+        out = tokens.copy()
+        out[chosen] = self.special.dblock
+        return out
 
     def _token_row(
         self, rng: np.random.Generator, tokens: np.ndarray, mask: np.ndarray, single_span: bool
