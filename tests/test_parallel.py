@@ -269,3 +269,98 @@ def test_two_gloo_ranks_finetune_like_one_process(tmp_path):
     kept_one = load_file(str(tmp_path / "one" / "best" / "model.safetensors"))
     for key, value in kept_one.items():
         torch.testing.assert_close(kept_ddp[key], value, rtol=1e-4, atol=1e-5)
+
+
+_EVAL_WORKER = textwrap.dedent(
+    """
+    import json, os, sys
+    import torch
+    import openglm.generate as generate
+    import openglm.tasks.lm_eval as lm_eval
+    import openglm.tasks.run as run
+    from openglm.tasks import TaskData, evaluate
+
+    torch.set_num_threads(1)
+    root, model, cases = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    rows = {"cloze": 0, "lm": 0, "decode": 0}
+    scores, log_probs, fill = run.batch_scores, lm_eval.token_log_probs, generate.fill_blank_ids
+
+    def counted(key, fn, n):
+        def wrapper(*args, **kwargs):
+            rows[key] += n(args)
+            return fn(*args, **kwargs)
+        return wrapper
+
+    run.batch_scores = counted("cloze", scores, lambda a: int(a[1]["input_ids"].size(0)))
+    lm_eval.token_log_probs = counted("lm", log_probs, lambda a: int(a[1]["input_ids"].size(0)))
+    generate.fill_blank_ids = counted("decode", fill, lambda a: len(a[1]))
+    world = os.environ.get("WORLD_SIZE", "1")
+    results = {
+        name: evaluate(task=task, model=model, data=TaskData(**data), device="cpu", progress=False,
+                       batch_size=2, output=os.path.join(root, f"{name}-{world}.json"))
+        for name, (task, data) in cases.items()
+    }
+    with open(os.path.join(root, f"eval-{world}-{os.environ.get('RANK', '0')}.json"), "w") as f:
+        json.dump({"results": results, "rows": rows}, f)
+    """
+)
+
+
+def test_two_gloo_ranks_evaluate_each_half_and_agree_with_one_process(tmp_path):
+    """`openglm eval` under torchrun: each rank scores (or decodes) its share of the examples of every task
+    kind, and every rank returns the metrics of one process on all of them; rank 0 alone writes `output`."""
+    from tests.test_tasks_run import CLOZE_YAML, WORDS, _task_yaml, _write_data
+
+    from openglm import GLMConfig, GLMModel
+    from openglm.tokenizer import GLMTokenizer
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "!", "?", *WORDS]
+    vocab += [*"abcdefghijklmnopqrstuvwxyz", *("##" + c for c in "abcdefghijklmnopqrstuvwxyz")]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    torch.manual_seed(0)
+    GLMModel(GLMConfig.from_name("tiny", vocab_size=128, max_sequence_length=64)).save_pretrained(
+        tmp_path / "m"
+    )
+    GLMTokenizer.from_files("bert", tmp_path / "vocab.txt").save_pretrained(tmp_path / "m")
+    _write_data(tmp_path / "data", n_dev=13)  # odd: the ranks get 7 and 6
+    sentences = [f"the {WORDS[i]} was so {WORDS[i + 3]} and the plot was {WORDS[i + 5]}" for i in range(5)]
+    (tmp_path / "lambada.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in sentences))
+    (tmp_path / "docs.txt").write_text("\n".join(sentences) + "\n")
+    pairs = [{"source": s, "target": s.split()[1]} for s in sentences]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    cases = {
+        "cloze": [str(_task_yaml(tmp_path, CLOZE_YAML)), {}],
+        "lambada": ["lambada", {"data_dir": str(tmp_path / "lambada.jsonl")}],
+        "perplexity": ["perplexity", {"data_dir": str(tmp_path / "docs.txt"), "max_seq_length": 8}],
+        "yahoo": ["yahoo", {"data_dir": str(tmp_path / "docs.txt"), "max_seq_length": 32}],
+        "seq2seq": ["seq2seq", {"data_dir": str(tmp_path / "pairs.jsonl"), "max_seq_length": 32}],
+    }
+    args = [sys.executable, "-c", _EVAL_WORKER, str(tmp_path), str(tmp_path / "m"), json.dumps(cases)]
+    port, procs = _free_port(), []
+    for world, rank in ((2, 0), (2, 1), (1, 0)):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+        if world == 2:
+            env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+            env["MASTER_PORT"] = str(port)
+        procs.append(subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    try:
+        codes = [p.wait(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert codes == [0, 0, 0], [p.stderr.read().decode(errors="replace")[-3000:] for p in procs]
+    one = json.loads((tmp_path / "eval-1-0.json").read_text())
+    ranks = [json.loads((tmp_path / f"eval-2-{r}.json").read_text()) for r in (0, 1)]
+    for name in cases:
+        expected = one["results"][name]
+        for rank in ranks:
+            got = rank["results"][name]
+            assert got.keys() == expected.keys(), name
+            for key, value in expected.items():
+                assert got[key] == (value if isinstance(value, str) else pytest.approx(value, rel=1e-5)), key
+        assert (tmp_path / f"{name}-2.json").is_file()
+    assert one["results"]["perplexity"]["num_windows"] > 2  # the windows, not only the documents, are shared
+    for key, total in one["rows"].items():
+        assert total > 0 and sum(r["rows"][key] for r in ranks) == total, key
+        assert all(r["rows"][key] < total for r in ranks), key  # each rank did only its share

@@ -12,8 +12,9 @@ import datetime
 import functools
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,9 @@ from torch.utils.checkpoint import checkpoint
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("none", "ddp", "fsdp")
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -219,6 +223,27 @@ def all_reduce_metrics(
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def shard_map(fn: Callable[[Sequence[T]], Sequence[R]], items: Sequence[T]) -> list[R]:
+    """`fn(items)`, computed data-parallel: each rank applies `fn` to its share of `items` (every
+    world_size-th item from its rank, so long and short items spread evenly) and every rank gets all results
+    in input order. `fn` maps a sequence to one picklable result per item. Collective: every rank calls it
+    with the same items, and the model `fn` runs must not be sharded (each rank runs a different number of
+    forward passes). Alone, or before the group exists, it is just `fn(items)`."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(fn(items))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    share = list(items)[rank::world]
+    mine = list(fn(share))
+    if len(mine) != len(share):
+        raise RuntimeError(f"shard_map: fn returned {len(mine)} results for {len(share)} items")
+    gathered: list[list[R] | None] = [None] * world
+    dist.all_gather_object(gathered, mine)
+    out: list[R] = [None] * len(items)  # type: ignore[list-item]  # every slot is filled below
+    for r, part in enumerate(gathered):
+        out[r::world] = part  # type: ignore[assignment]  # each rank returned its whole share
+    return out
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor, nn
 
+from openglm import parallel
 from openglm.atomic import write_text_atomic
 from openglm.lora import LoRASettings
 from openglm.tasks.finetuning import finetune_generation
@@ -212,14 +213,20 @@ def decode_blanks(
     special = SpecialIds.from_tokenizer(tokenizer)
     # The softmax covers the padded vocabulary; its dummy rows have no text and are dropped.
     limit = getattr(tokenizer, "num_tokens", None) or float("inf")
-    out: list[list[list[int]]] = []
-    for i in range(0, len(samples), batch_size):
-        chunk = samples[i : i + batch_size]
-        contexts = [list(s["input_ids"][: s["sep"]]) for s in chunk]
-        fills = fill_blank_ids(model, contexts, [list(s["mask_positions"]) for s in chunk], special, config)
-        for per_text in fills:
-            out.append([[t for t in f.token_ids if t != tokenizer.eop_id and t < limit] for f in per_text])
-    return out
+
+    def decode(share: Sequence[Sample]) -> list[list[list[int]]]:
+        out: list[list[list[int]]] = []
+        for i in range(0, len(share), batch_size):
+            chunk = share[i : i + batch_size]
+            contexts = [list(s["input_ids"][: s["sep"]]) for s in chunk]
+            masks = [list(s["mask_positions"]) for s in chunk]
+            for per_text in fill_blank_ids(model, contexts, masks, special, config):
+                out.append(
+                    [[t for t in f.token_ids if t != tokenizer.eop_id and t < limit] for f in per_text]
+                )
+        return out
+
+    return parallel.shard_map(decode, samples)  # under torchrun, each rank decodes its share
 
 
 def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str], max_n: int = 4) -> float:
@@ -293,7 +300,7 @@ def evaluate_infilling(
         fill_in(m, [tokenizer.decode(tokenizer.encode(" " + a)) for a in answers]) for m, answers in masked
     ]
     metrics = {"bleu": corpus_bleu(predictions, references), "count": len(docs)}
-    if output is not None:
+    if output is not None and parallel.is_main():
         rows = [
             json.dumps({"masked": m, "reference": r, "prediction": p}, ensure_ascii=False)
             for (m, _), r, p in zip(masked, references, predictions, strict=True)
@@ -447,6 +454,7 @@ def run_infilling_eval(
     """
     from openglm.tasks.lm_eval import load_model_and_tokenizer
 
+    device = str(parallel.init_distributed(device).device)  # under torchrun: this rank's GPU
     model, tokenizer = load_model_and_tokenizer(model_dir, tokenizer_dir, device)
     return evaluate_infilling(
         model, tokenizer, data, mask_ratio, src_seq_length, seed, batch_size, limit, output

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from openglm import parallel
 from openglm.tasks.files import read_jsonl, row_field
 
 logger = logging.getLogger(__name__)
@@ -353,7 +354,7 @@ def token_log_probs(
 
 
 def _progress(items: Iterable[Any], total: int, desc: str, enabled: bool) -> Iterable[Any]:
-    if not enabled:
+    if not enabled or not parallel.is_main():
         return items
     from tqdm.auto import tqdm
 
@@ -408,18 +409,34 @@ def lambada_correct(
     batch_size: int = 16,
     progress: bool = False,
 ) -> list[bool]:
-    """For each sample, whether every scored token is the model's argmax (teacher-forced)."""
+    """For each sample, whether every scored token is the model's argmax (teacher-forced). Under torchrun
+    each rank scores its share (`parallel.shard_map`)."""
+
+    def hits(share: Sequence[Sample]) -> list[bool]:
+        return [
+            bool(hit.all()) for _, hit in _per_sample(model, share, pad_id, batch_size, "lambada", progress)
+        ]
+
     model.eval()
+    return parallel.shard_map(hits, samples)
+
+
+def _per_sample(
+    model: torch.nn.Module,
+    samples: Sequence[Sample],
+    pad_id: int,
+    batch_size: int,
+    desc: str,
+    progress: bool,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(log-probabilities, argmax hits) of each sample's scored tokens, batch by batch, in sample order."""
     device = _device_of(model)
-    result: list[bool] = []
     chunks = list(_batches(samples, batch_size))
-    for chunk in _progress(chunks, len(chunks), "lambada", progress):
+    for chunk in _progress(chunks, len(chunks), desc, progress):
         batch = collate(chunk, pad_id, device)
-        _, hit = token_log_probs(model, batch)
+        logp, hit = token_log_probs(model, batch)
         counts = batch["loss_mask"].gt(0).sum(dim=1).tolist()
-        for part in torch.split(hit, counts):
-            result.append(bool(part.all()))
-    return result
+        yield from zip(torch.split(logp, counts), torch.split(hit, counts), strict=True)
 
 
 def evaluate_perplexity(
@@ -469,15 +486,17 @@ def windows_nll(
     batch_size: int = 8,
     progress: bool = False,
 ) -> float:
-    """Summed negative log-likelihood of every scored token of `samples` (fp64 accumulation)."""
+    """Summed negative log-likelihood of every scored token of `samples` (fp64 accumulation). Under torchrun
+    each rank scores its share of the windows (`parallel.shard_map`)."""
+
+    def nll(share: Sequence[Sample]) -> list[float]:
+        return [
+            -float(lp.double().sum())
+            for lp, _ in _per_sample(model, share, pad_id, batch_size, "perplexity", progress)
+        ]
+
     model.eval()
-    device = _device_of(model)
-    total = 0.0
-    chunks = list(_batches(samples, batch_size))
-    for chunk in _progress(chunks, len(chunks), "perplexity", progress):
-        logp, _ = token_log_probs(model, collate(chunk, pad_id, device))
-        total -= float(logp.double().sum())
-    return total
+    return math.fsum(parallel.shard_map(nll, samples))
 
 
 def perplexity_metrics(nll: float, num_tokens: int, num_words: int, num_windows: int = 0) -> dict[str, float]:
@@ -573,7 +592,6 @@ def evaluate_multichoice(
     if not rows:
         raise ValueError(f"{path}: no multiple-choice rows")
     model.eval()
-    device = _device_of(model)
     flat: list[Sample] = []
     owners: list[int] = []
     labels: list[int] = []
@@ -591,15 +609,12 @@ def evaluate_multichoice(
             flat.append(s)
             owners.append(n - 1)
         labels.append(label)
-    scores: list[float] = []
-    chunks = list(_batches(flat, batch_size))
-    for chunk in _progress(chunks, len(chunks), "multichoice", progress):
-        batch = collate(chunk, tokenizer.pad_id, device)
-        logp, _ = token_log_probs(model, batch)
-        counts = batch["loss_mask"].gt(0).sum(dim=1).tolist()
-        for part in torch.split(logp, counts):
-            s = float(part.sum())
-            scores.append(s / len(part) if length_normalize else s)
+
+    def choice_scores(share: Sequence[Sample]) -> list[float]:
+        pairs = _per_sample(model, share, tokenizer.pad_id, batch_size, "multichoice", progress)
+        return [float(lp.sum()) / (len(lp) if length_normalize else 1) for lp, _ in pairs]
+
+    scores = parallel.shard_map(choice_scores, flat)  # under torchrun, each rank scores its share
     best: dict[int, tuple[float, int]] = {}
     choice_index: dict[int, int] = {}
     for owner, score in zip(owners, scores, strict=True):
@@ -683,6 +698,7 @@ def run_lm_eval(
     """
     if task not in LM_TASKS:
         raise ValueError(f"unknown zero-shot task {task!r}; expected one of {LM_TASKS}")
+    device = str(parallel.init_distributed(device).device)  # under torchrun: this rank's GPU
     model, tokenizer = load_model_and_tokenizer(model_dir, tokenizer_dir, device, precision)
     if seq_length is None:
         seq_length = 1024 if task == "wikitext" else 512

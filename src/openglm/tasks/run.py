@@ -380,22 +380,29 @@ def predict_scores(
     batch_size: int = 16,
     progress: bool = False,
 ) -> list[np.ndarray]:
-    """Scores of every example (one array of label or choice scores each), in input order."""
+    """Scores of every example (one array of label or choice scores each), in input order. Under torchrun
+    each rank scores its share of the examples (`parallel.shard_map`): call it on every rank."""
     from tqdm.auto import tqdm
+
+    def score(share: Sequence[ClozeSample]) -> list[np.ndarray]:
+        out: list[np.ndarray] = []
+        starts = range(0, len(share), batch_size)
+        bar = not progress or not parallel.is_main()
+        for start in tqdm(starts, desc="eval", disable=bar, leave=False, dynamic_ncols=True):
+            chunk = share[start : start + batch_size]
+            scores = batch_scores(model, collate(chunk), mode, length_penalty).float().cpu().numpy()
+            out.extend(
+                scores[i, : s.num_choices if s.targets is not None else scores.shape[1]]
+                for i, s in enumerate(chunk)
+            )
+        return out
 
     was_training = model.training
     model.eval()
-    out: list[np.ndarray] = []
-    starts = range(0, len(samples), batch_size)
-    for start in tqdm(starts, desc="eval", disable=not progress, leave=False, dynamic_ncols=True):
-        chunk = samples[start : start + batch_size]
-        scores = batch_scores(model, collate(chunk), mode, length_penalty).float().cpu().numpy()
-        out.extend(
-            scores[i, : s.num_choices if s.targets is not None else scores.shape[1]]
-            for i, s in enumerate(chunk)
-        )
-    model.train(was_training)
-    return out
+    try:
+        return parallel.shard_map(score, samples)
+    finally:
+        model.train(was_training)
 
 
 def score_examples(
@@ -411,12 +418,6 @@ def score_examples(
 
 # ---------------------------------------------------------------------------------------------------------------
 # Model and tokenizer loading, saving
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def load_tokenizer(model_dir: str | os.PathLike, tokenizer: str | os.PathLike | None) -> Any:
@@ -608,9 +609,9 @@ def finetune(
         "data": asdict(data),
         "train": asdict(train),
     }
-    if not parallel.is_main():
-        return report  # rank 0 evaluates the test split and writes the report
-    if has_split(t, data, "test") and (out / BEST_DIR).is_dir():
+    # Every rank scores its share of the test split with the kept model (rank 0 saved it to the run
+    # directory, which all ranks share as they share checkpoints); rank 0 writes the report.
+    if parallel.broadcast_object(has_split(t, data, "test") and (out / BEST_DIR).is_dir()):
         test_examples = load_examples(t, data, "test", data.max_eval_examples)
         best_model = load_model(out / BEST_DIR, t, data, device)
         scores = predict_scores(
@@ -622,8 +623,9 @@ def finetune(
             train.progress,
         )
         report["test"] = score_examples(t, test_examples, scores, "test") or None
-    write_json(out / METRICS_FILE, report)
-    logger.info("best dev %s: %s; wrote %s", key_metric, best.metrics, out / METRICS_FILE)
+    if parallel.is_main():
+        write_json(out / METRICS_FILE, report)
+        logger.info("best dev %s: %s; wrote %s", key_metric, best.metrics, out / METRICS_FILE)
     return report
 
 
@@ -660,6 +662,8 @@ def evaluate(
     Returns:
         {"task", "split", "examples", metric: value, ...}.
     """
+    # Under torchrun each rank scores its share of the examples on its own device; rank 0 writes `output`.
+    device = str(parallel.init_distributed(device).device)
     name = task.lower()
     if name in LM_EVAL_TASKS + SEQ2SEQ_TASKS + INFILLING_TASKS:
         result = _dispatch_eval(name, model, tokenizer, data, split, batch_size, device, progress)
@@ -667,9 +671,8 @@ def evaluate(
         t = resolve_task(task)
         if is_classifier_dir(model) and data.mode != "classifier":
             data = TaskData(**{**asdict(data), "mode": "classifier"})
-        dev = _device(device)
         tok = load_tokenizer(model, tokenizer)
-        net = load_model(model, t, data, dev)
+        net = load_model(model, t, data, torch.device(device))
         _check_vocab(net, tok, model)
         length_penalty = t.length_penalty if data.length_penalty is None else data.length_penalty
         examples = load_examples(t, data, split, data.max_eval_examples)
@@ -678,14 +681,14 @@ def evaluate(
         )
         result = {"task": t.name, "split": split, "mode": data.mode, "examples": len(examples)}
         result.update(score_examples(t, examples, scores, split))
-        if output:
+        if output and parallel.is_main():
             preds = [
                 {"guid": e.guid, "prediction": t.predict(e, s), "scores": [round(float(x), 6) for x in s]}
                 for e, s in zip(examples, scores, strict=True)
             ]
             write_json(Path(output), {**result, "predictions": preds})
             return result
-    if output:
+    if output and parallel.is_main():
         write_json(Path(output), result)
     return result
 

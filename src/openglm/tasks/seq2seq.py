@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from openglm import parallel
 from openglm.atomic import write_text_atomic
 from openglm.lora import LoRASettings
 from openglm.tasks.files import read_jsonl
@@ -352,17 +353,24 @@ def generate_targets(
     special = SpecialIds.from_tokenizer(tokenizer)
     # The softmax covers the padded vocabulary; its dummy rows have no text and are dropped.
     limit = getattr(tokenizer, "num_tokens", None) or float("inf")
-    outputs: list[list[int]] = []
-    for i in range(0, len(samples), batch_size):
-        chunk = samples[i : i + batch_size]
-        contexts = [
-            list(s["input_ids"][: s["source_length"] if "attention_mask" in s else s["sep"]]) for s in chunk
-        ]
-        fills = fill_blank_ids(model, contexts, [[int(s["mask_position"])] for s in chunk], special, config)
-        for per_text in fills:
-            ids = list(per_text[0].token_ids) if per_text else []
-            outputs.append([t for t in ids if t not in (tokenizer.eop_id, tokenizer.pad_id) and t < limit])
-    return outputs
+
+    def decode(share: Sequence[Sample]) -> list[list[int]]:
+        outputs: list[list[int]] = []
+        for i in range(0, len(share), batch_size):
+            chunk = share[i : i + batch_size]
+            contexts = [
+                list(s["input_ids"][: s["source_length"] if "attention_mask" in s else s["sep"]])
+                for s in chunk
+            ]
+            masks = [[int(s["mask_position"])] for s in chunk]
+            for per_text in fill_blank_ids(model, contexts, masks, special, config):
+                ids = list(per_text[0].token_ids) if per_text else []
+                outputs.append(
+                    [t for t in ids if t not in (tokenizer.eop_id, tokenizer.pad_id) and t < limit]
+                )
+        return outputs
+
+    return parallel.shard_map(decode, samples)  # under torchrun, each rank decodes its share
 
 
 def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
@@ -442,7 +450,7 @@ def evaluate_seq2seq(
     predictions = [tokenizer.decode(ids).strip() for ids in generated]
     references = [tokenizer.decode(tokenizer.encode(" " + tgt)).strip() for _, tgt in pairs]
     metrics = {**rouge(predictions, references), "count": len(pairs)}
-    if output is not None:
+    if output is not None and parallel.is_main():
         rows = [
             json.dumps({"source": s, "reference": r, "prediction": p}, ensure_ascii=False)
             for (s, _), r, p in zip(pairs, references, predictions, strict=True)
@@ -628,6 +636,7 @@ def run_seq2seq_eval(
     """
     from openglm.tasks.lm_eval import load_model_and_tokenizer
 
+    device = str(parallel.init_distributed(device).device)  # under torchrun: this rank's GPU
     model, tokenizer = load_model_and_tokenizer(model_dir, tokenizer_dir, device)
     if src_seq_length > model.config.max_sequence_length:
         raise ValueError(
