@@ -78,6 +78,18 @@ def test_settings_validation_names_the_field():
         fit(_model(), SyntheticBatches(128, 16, 2), _settings(precision="fp16"))
 
 
+def test_zero_learning_rate_keeps_the_initial_weights():
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="optim.lr=-0.1 must be >= 0"):
+        OptimSettings(lr=-0.1)
+    fit(
+        model, SyntheticBatches(TINY.vocab_size, 24, 4, seed=3), _settings(max_steps=3), OptimSettings(lr=0.0)
+    )
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+
+
 def test_loss_falls_on_a_repeated_batch():
     batch = SyntheticBatches(TINY.vocab_size, 24, 4, seed=3).batch(0)
     result = fit(_model(), [batch], _settings(max_steps=30), OptimSettings(lr=1e-2, warmup=0.0))

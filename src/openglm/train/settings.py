@@ -42,8 +42,8 @@ class OptimSettings:
     clip_grad: float = 1.0
 
     def __post_init__(self) -> None:
-        if not self.lr > 0:
-            raise ValueError(f"optim.lr={self.lr!r} must be positive")
+        if not self.lr >= 0:  # 0 is allowed: the weights stay at their initialisation (baselines, timing)
+            raise ValueError(f"optim.lr={self.lr!r} must be >= 0")
         if self.weight_decay < 0:
             raise ValueError(f"optim.weight_decay={self.weight_decay!r} must be >= 0")
         for name in ("beta1", "beta2"):
