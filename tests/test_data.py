@@ -364,6 +364,59 @@ def test_ranks_see_different_data_and_resume() -> None:
         make(2)
 
 
+def test_multi_task_batches_replace_corpus_batches_at_the_drawn_steps() -> None:
+    corpus, special = synthetic()
+    special.sentence_end = np.zeros(4000, dtype=bool)
+    special.sentence_end[5] = True
+    rng = np.random.default_rng(0)
+    ids = rng.permutation(np.arange(2000, 2000 + 24 * 40)).reshape(24, 40)  # every id in one example only
+    pool = [np.concatenate(([special.cls], row, [special.eos])) for row in ids]
+
+    def owner(row_tokens: torch.Tensor) -> int:
+        found = {int(np.flatnonzero((ids == t).any(axis=1))[0]) for t in row_tokens.tolist() if t >= 2000}
+        assert len(found) == 1, found
+        return found.pop()
+
+    config = ObjectiveConfig().only("token")
+    make = lambda rank, ratio: PretrainingBatches(  # noqa: E731
+        corpus,
+        special,
+        config,
+        128,
+        4,
+        seed=3,
+        rank=rank,
+        world_size=2,
+        multi_task=pool,
+        multi_task_ratio=ratio,
+    )
+    always = make(0, 1.0), make(1, 1.0)
+    seen = []
+    for step in range(3):  # 3 steps x 2 ranks x 4 rows: one pass over the 24 examples
+        for data in always:
+            b = data.batch(step)
+            assert not torch.any((b["input_ids"] >= 10) & (b["input_ids"] < 1000))  # nothing from the corpus
+            seen += [
+                owner(torch.cat([b["input_ids"][i], b["targets"][i]])) for i in range(b["input_ids"].shape[0])
+            ]
+    assert sorted(seen) == list(range(24))
+    some = make(0, 0.25), make(1, 0.25)
+    drawn = [some[0].is_multi_task(step) for step in range(400)]
+    assert drawn == [some[1].is_multi_task(step) for step in range(400)]  # the ranks agree
+    assert 0.18 < np.mean(drawn) < 0.32
+    plain = PretrainingBatches(corpus, special, config, 128, 4, seed=3, rank=0, world_size=2)
+    for step in range(8):
+        b = some[0].batch(step)
+        if drawn[step]:
+            assert torch.all((b["input_ids"] < 10) | (b["input_ids"] >= 2000))
+        else:  # the corpus batches are those of a run without multi-task data
+            assert_batches_equal(b, plain.batch(step))
+    with pytest.raises(ValueError, match="needs multi-task examples"):
+        PretrainingBatches(corpus, special, config, multi_task_ratio=0.5)
+    with pytest.raises(ValueError, match="multi_task_ratio must be in"):
+        PretrainingBatches(corpus, special, config, multi_task=pool, multi_task_ratio=1.5)
+
+
 def test_dataloader_workers_keep_order() -> None:
     corpus, special = synthetic(num_docs=60)
     make = lambda: PretrainingBatches(corpus, special, seq_length=64, batch_size=2, seed=2, num_steps=6)  # noqa: E731

@@ -374,3 +374,41 @@ def test_lora_finetune_from_the_cli_keeps_a_plain_merged_model(tiny_dir: Path, t
             ]
         )
     assert exc.value.code == 2
+
+
+def test_multi_task_samples_fill_each_pattern_with_its_answer(tiny_dir: Path, tmp_path: Path) -> None:
+    from openglm.tasks import multi_task_samples
+    from openglm.tokenizer import GLMTokenizer
+
+    tok = GLMTokenizer.from_pretrained(tiny_dir)
+    _write_data(tmp_path / "data", n_train=6)
+    rte = tmp_path / "rte"
+    rte.mkdir()
+    rows = [
+        {"premise": "the movie was fun", "hypothesis": "it was fun.", "label": "entailment", "idx": 0},
+        {
+            "premise": "the plot was awful",
+            "hypothesis": "it was lovely.",
+            "label": "not_entailment",
+            "idx": 1,
+        },
+        {
+            "premise": "the film was so boring",
+            "hypothesis": "it was boring.",
+            "idx": 2,
+        },  # unlabelled: skipped
+    ]
+    (rte / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pool = multi_task_samples([str(_task_yaml(tmp_path, CLOZE_YAML)), f"rte={rte}"], tok, 24)
+    assert len(pool) == 6 + 2
+    texts = [tok.decode(ids[1:-1].tolist()) for ids in pool]
+    assert all(ids[0] == tok.cls_id and ids[-1] == tok.eos_id and len(ids) <= 24 for ids in pool)
+    for i, text in enumerate(texts[:6]):  # "<review> it was <answer>."
+        assert text.endswith("it was " + ("great ." if i % 2 else "terrible ."))
+    # RTE pattern 0, `"<hypothesis>" ? <answer>, "<premise>"` (the toy vocabulary has no quote mark)
+    assert texts[6] == "[UNK] it was fun [UNK] ? yes , [UNK] the movie was fun [UNK]"
+    assert texts[7].startswith("[UNK] it was lovely [UNK] ? no ,")
+    with pytest.raises(ValueError, match="name the folder of its split files, rte=DATA_DIR"):
+        multi_task_samples(["rte"], tok, 24)
+    with pytest.raises(ValueError, match="unknown task"):
+        multi_task_samples([f"nope={rte}"], tok, 24)

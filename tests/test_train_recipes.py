@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -88,3 +89,33 @@ def test_tiny_recipe_runs_on_real_shards_and_plots(tmp_path):
 
     png = Path(plot(str(tmp_path / "run")))
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_pretraining_mixes_in_multi_task_examples(tmp_path, caplog):
+    from tests.test_tasks_run import CLOZE_YAML, _task_yaml, _write_data
+
+    from openglm.data import prepare_corpus
+    from openglm.tokenizer import train_tokenizer
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(_TEXT * (i % 3 + 1) for i in range(40)))
+    tok = train_tokenizer([str(corpus)], 300, str(tmp_path / "tok"), progress=False)
+    prepare_corpus([str(corpus)], tok, str(tmp_path / "shards"), workers=0, progress=False)
+    _write_data(tmp_path / "data")
+    task = str(_task_yaml(tmp_path, CLOZE_YAML))
+    overrides = ["--data.path", str(tmp_path / "shards"), "--out_dir", str(tmp_path / "run")]
+    overrides += ["--train.max_steps", "4", "--train.micro_batch_size", "2", "--data.seq_length", "32"]
+    overrides += ["--data.valid_batches", "0", "--train.progress", "false", "--train.tensorboard", "false"]
+    overrides += ["--data.multi_task", f"[{task}]", "--data.multi_task_ratio", "0.5"]
+    with caplog.at_level("INFO", logger="openglm.tasks.run"):
+        summary = pretrain(**recipe_arguments(ROOT / "configs/pretrain/tiny.yaml", overrides))
+    assert summary["step"] == 4 and summary["loss"] > 0
+    assert "multi-task data: 32 examples of toy_sentiment" in caplog.text
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["data"]["multi_task"] == [task] and run["data"]["multi_task_ratio"] == 0.5
+    with pytest.raises(ValueError, match="data.multi_task and data.multi_task_ratio go together"):
+        DataSettings(path="x", multi_task=[task])
+    with pytest.raises(ValueError, match="data.multi_task and data.multi_task_ratio go together"):
+        DataSettings(path="x", multi_task_ratio=0.1)
+    with pytest.raises(ValueError, match="data.multi_task_ratio=2.0 must be in"):
+        DataSettings(path="x", multi_task=[task], multi_task_ratio=2.0)

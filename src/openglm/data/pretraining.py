@@ -3,8 +3,9 @@ blank-infilling objective per batch, yielded as padded tensors deterministic in 
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 _SAMPLE_SALT = 0x5A
 _BATCH_SALT = 0xB7
 _VALID_SALT = 0x7A
+_MULTI_TASK_SALT = 0x3C
 
 
 class Corpus(Protocol):
@@ -175,6 +177,10 @@ class PretrainingBatches(IterableDataset):
         num_steps: stop before this step (None: infinite).
         pad_to_multiple_of: pad T up to a multiple of this (static shapes for compiled models).
         pad_id: the padding id for tokens and targets (0 officially; the loss mask hides it).
+        multi_task: downstream examples as `[CLS] ... eos` token arrays (the official --multi-task-data:
+            labelled examples rendered by their pattern with the answer filled in, `tasks.multi_task_samples`).
+        multi_task_ratio: the probability that a step's batch is drawn from `multi_task` instead of the
+            corpus (the same draw on every rank); such a batch goes through the same objective.
     """
 
     def __init__(
@@ -191,12 +197,18 @@ class PretrainingBatches(IterableDataset):
         num_steps: int | None = None,
         pad_to_multiple_of: int = 1,
         pad_id: int = 0,
+        multi_task: Sequence[np.ndarray] = (),
+        multi_task_ratio: float = 0.0,
     ) -> None:
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0.0 <= multi_task_ratio <= 1.0:
+            raise ValueError(f"multi_task_ratio must be in [0, 1], got {multi_task_ratio}")
+        if multi_task_ratio > 0 and not multi_task:
+            raise ValueError("multi_task_ratio > 0 needs multi-task examples")
         self.objective = BlankInfilling(objective or ObjectiveConfig(), special)
         self.assembler = SampleAssembler(corpus, special, seq_length, seed)
         self.seq_length = seq_length
@@ -208,13 +220,30 @@ class PretrainingBatches(IterableDataset):
         self.num_steps = num_steps
         self.pad_to_multiple_of = pad_to_multiple_of
         self.pad_id = pad_id
+        self.multi_task = [np.asarray(t, dtype=np.int64) for t in multi_task]
+        self.multi_task_ratio = multi_task_ratio
 
     def rows(self, step: int) -> BlockBatch:
         """The unpadded rows of batch `step` on this rank."""
         first = (step * self.world_size + self.rank) * self.batch_size
-        samples = [self.assembler(first + j) for j in range(self.batch_size)]
         rng = np.random.default_rng([self.seed, _BATCH_SALT, step, self.rank, self.world_size])
+        if self.is_multi_task(step):
+            return self.objective([self._multi_task_sample(first + j) for j in range(self.batch_size)], rng)
+        samples = [self.assembler(first + j) for j in range(self.batch_size)]
         return self.objective([s[0] for s in samples], rng, [s[1] for s in samples])
+
+    def is_multi_task(self, step: int) -> bool:
+        """Whether batch `step` comes from the multi-task examples (drawn from (seed, step): all ranks agree)."""
+        if self.multi_task_ratio <= 0:
+            return False
+        return bool(
+            np.random.default_rng([self.seed, _MULTI_TASK_SALT, step]).random() < self.multi_task_ratio
+        )
+
+    def _multi_task_sample(self, index: int) -> np.ndarray:
+        # Global sample `index` walks a fresh seeded permutation of the examples each epoch.
+        epoch, i = divmod(index, len(self.multi_task))
+        return self.multi_task[int(_permutation(self.seed, epoch, len(self.multi_task))[i])]
 
     def batch(self, step: int) -> dict[str, Any]:
         """Batch `step` on this rank as tensors (random access; the iterator yields the same)."""
@@ -266,6 +295,11 @@ class PretrainingBatches(IterableDataset):
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Resume at `state["step"]` (the next batch yielded is exactly that step's batch)."""
         self.next_step = int(state["step"])
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, _MULTI_TASK_SALT, epoch]).permutation(n)
 
 
 def collate(

@@ -11,7 +11,7 @@ from openglm.tasks.cloze import (
     encode_example,
 )
 from openglm.tasks.custom import load_task
-from openglm.tasks.run import FinetuneSettings, TaskData, evaluate, finetune
+from openglm.tasks.run import FinetuneSettings, TaskData, evaluate, finetune, multi_task_samples
 from openglm.tasks.superglue import TASKS as SUPERGLUE_TASKS
 from openglm.tasks.superglue import get_task
 
@@ -31,4 +31,5 @@ __all__ = [
     "finetune",
     "get_task",
     "load_task",
+    "multi_task_samples",
 ]

@@ -225,6 +225,37 @@ def load_examples(task: ClozeTask, data: TaskData, split: str, limit: int | None
     return examples[:limit] if limit else examples
 
 
+def multi_task_samples(entries: Sequence[str], tokenizer: Any, max_length: int) -> list[np.ndarray]:
+    """Multi-task pretraining examples (the official --multi-task-data, spec C.9): every labelled training
+    example of the given cloze tasks, rendered by the task's pattern with its answer in the blank, as a
+    `[CLS] ... eos` token array of at most `max_length` tokens (long inputs shortened as in fine-tuning).
+
+    Args:
+        entries: `TASK` or `TASK=DATA_DIR`: a built-in task name or a task .yaml file, and the folder of its
+            split files (built-in tasks need it; a .yaml task defaults to its own `data.dir`).
+        tokenizer: the pretraining tokenizer.
+        max_length: the pretraining sample length.
+
+    Returns:
+        The examples of all tasks, in task order.
+    """
+    pool: list[np.ndarray] = []
+    for entry in entries:
+        name, _, folder = (part.strip() for part in entry.partition("="))
+        if not folder and not name.endswith((".yaml", ".yml")):
+            raise ValueError(
+                f"multi-task entry {entry!r}: name the folder of its split files, {name}=DATA_DIR"
+            )
+        task = resolve_task(name)
+        examples = load_examples(task, TaskData(data_dir=folder or None), "train")
+        labelled = [e for e in examples if task.label_index(e, "train") >= 0]
+        if not labelled:
+            raise ValueError(f"multi-task entry {entry!r}: the train split has no labelled examples")
+        pool.extend(filled_pattern_tokens(task, e, tokenizer, None, max_length) for e in labelled)
+        logger.info("multi-task data: %d examples of %s", len(labelled), task.name)
+    return pool
+
+
 def encode_all(
     task: ClozeTask, examples: Sequence[Example], tokenizer: Any, data: TaskData, split: str
 ) -> list[ClozeSample]:

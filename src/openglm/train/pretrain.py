@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,12 @@ class DataSettings:
         valid_fraction: share of documents held out for validation.
         valid_batches: validation batches per objective (token / sentence / document).
         seed: the data seed (sample stream, corruption, validation split).
+        multi_task: downstream cloze tasks mixed into pretraining (the official --multi-task-data), each
+            `TASK=DATA_DIR` (a built-in task and the folder of its split files) or a task .yaml file: their
+            labelled training examples, rendered by the pattern with the answer filled in, go through the
+            same objective.
+        multi_task_ratio: the probability that a step trains on a batch of those examples instead of the
+            corpus (the official --multi-task-ratio).
     """
 
     path: str | None = None
@@ -47,10 +53,20 @@ class DataSettings:
     valid_fraction: float = 0.01
     valid_batches: int = 4
     seed: int = 0
+    multi_task: list[str] = field(default_factory=list)
+    multi_task_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         if self.seq_length < 8:
             raise ValueError(f"data.seq_length={self.seq_length!r} must be >= 8")
+        if not 0.0 <= self.multi_task_ratio <= 1.0:
+            raise ValueError(f"data.multi_task_ratio={self.multi_task_ratio!r} must be in [0, 1]")
+        if bool(self.multi_task) != (self.multi_task_ratio > 0):
+            raise ValueError(
+                "data.multi_task and data.multi_task_ratio go together: set both (tasks and a ratio > 0) or neither"
+            )
+        if self.multi_task and self.synthetic:
+            raise ValueError("data.multi_task needs a tokenized corpus, not data.synthetic")
         if not 0.0 <= self.valid_fraction < 1.0:
             raise ValueError(f"data.valid_fraction={self.valid_fraction!r} must be in [0, 1)")
         if self.valid_batches < 0:
@@ -243,8 +259,18 @@ def _batches(data, objective, train, config, tokenizer, env) -> tuple[Any, list[
         rank=env.rank,
         world_size=env.world_size,
         pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0,
+        multi_task=_multi_task(data, tokenizer),
+        multi_task_ratio=data.multi_task_ratio,
     )
     return batches, valid
+
+
+def _multi_task(data: DataSettings, tokenizer: Any) -> list[Any]:
+    if not data.multi_task:
+        return []
+    from openglm.tasks import multi_task_samples
+
+    return multi_task_samples(data.multi_task, tokenizer, data.seq_length)
 
 
 def _export(checkpoint: Path, model_dir: Path, tokenizer: Any) -> None:
