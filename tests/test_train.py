@@ -97,6 +97,23 @@ def test_loss_falls_on_a_repeated_batch():
     assert math.isfinite(last) and last < 0.5 * first
 
 
+def test_bf16_autocast_trains_like_fp32_with_fp32_weights():
+    """precision bf16 on CPU: the forward runs under bf16 autocast, the weights and optimizer stay fp32, the
+    first loss is the fp32 loss to bf16 accuracy, and the loss falls as in fp32."""
+    cfg = TINY.replace(embedding_dropout_prob=0.0, attention_dropout_prob=0.0, output_dropout_prob=0.0)
+    batch = SyntheticBatches(cfg.vocab_size, 24, 4, seed=3).batch(0)
+    optim = OptimSettings(lr=1e-2, warmup=0.0)
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        model = _model(0, cfg)
+        runs[precision] = fit(model, [batch], _settings(max_steps=30, precision=precision), optim)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    fp32, bf16 = ([loss for _, loss in runs[k].losses] for k in ("fp32", "bf16"))
+    assert bf16[0] != fp32[0] and bf16[0] == pytest.approx(fp32[0], rel=2e-2)  # autocast did run in bf16
+    assert math.isfinite(bf16[-1]) and bf16[-1] < 0.5 * bf16[0]
+    assert bf16[-1] == pytest.approx(fp32[-1], rel=0.25)
+
+
 def test_grad_accumulation_equals_one_big_batch():
     cfg = TINY.replace(embedding_dropout_prob=0.0, attention_dropout_prob=0.0, output_dropout_prob=0.0)
     big = SyntheticBatches(cfg.vocab_size, 24, 4, seed=5)
