@@ -299,7 +299,7 @@ class GLMModel(nn.Module):
         nn.init.zeros_(self.transformer.final_layernorm.bias)
 
     # ----------------------------------------------------------------------------------------------------
-    def embed(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
+    def embed(self, input_ids: Tensor, position_ids: Tensor, input_embeds: Tensor | None = None) -> Tensor:
         cfg = self.config
         B, T = input_ids.shape
         if cfg.block_position_encoding:
@@ -319,7 +319,8 @@ class GLMModel(nn.Module):
                     f"position_ids must be [B, T] = [{B}, {T}] without block positions; got {tuple(position_ids.shape)}"
                 )
             pos, block = position_ids, None
-        x = self.word_embeddings(input_ids) + self.transformer.position_embeddings(pos)
+        words = self.word_embeddings(input_ids) if input_embeds is None else input_embeds
+        x = words + self.transformer.position_embeddings(pos)
         if block is not None:
             x = x + self.transformer.block_position_embeddings(block)
         return self.transformer.embedding_dropout(x)
@@ -333,6 +334,7 @@ class GLMModel(nn.Module):
         use_cache: bool = False,
         logits_mask: Tensor | None = None,
         return_hidden: bool = False,
+        input_embeds: Tensor | None = None,
     ) -> GLMOutput:
         """Run GLM over new tokens, optionally after cached ones.
 
@@ -347,6 +349,8 @@ class GLMModel(nn.Module):
             logits_mask: optional bool [B, T]; logits are then computed only where it is True and returned
                 flattened as [N, V] (the vocabulary projection is the largest matmul of a small model).
             return_hidden: also return the final-LayerNorm hidden states [B, T, C].
+            input_embeds: [B, T, C] word embeddings to use instead of looking up `input_ids` (P-tuning
+                overwrites some of them); the position embeddings are still added.
 
         Returns:
             `GLMOutput` with logits [B, T, V] over the padded vocabulary (or [N, V]), the cache, hidden states.
@@ -371,7 +375,11 @@ class GLMModel(nn.Module):
             )
         )
         mask = None if trivial else build_attention_mask(attention_mask, B, T, cached, input_ids.device)
-        x = self.embed(input_ids, position_ids)
+        if input_embeds is not None and input_embeds.shape != (B, T, self.config.hidden_size):
+            raise ValueError(
+                f"input_embeds must be [B, T, C] = [{B}, {T}, {self.config.hidden_size}]; got {tuple(input_embeds.shape)}"
+            )
+        x = self.embed(input_ids, position_ids, input_embeds)
         for i, layer in enumerate(self.transformer.layers):
             x = layer(x, mask, cache, i)
         if cache is not None:

@@ -59,17 +59,22 @@ class Example:
 
 @dataclass(frozen=True)
 class Fragment:
-    """One piece of a filled pattern. `text=None` is the mask slot; shortenable pieces may be truncated."""
+    """One piece of a filled pattern. `text=None` is the mask slot; shortenable pieces may be truncated;
+    `prompt=N` (with `text=None`) stands for N continuous-prompt placeholders (P-tuning, spec D.5)."""
 
     text: str | None
     shortenable: bool = False
+    prompt: int = 0
 
     @property
     def is_mask(self) -> bool:
-        return self.text is None
+        return self.text is None and not self.prompt
 
 
 MASK = Fragment(None)
+# Continuous-prompt placeholders in encoded ids until the row is built; then they become id 0 and their
+# positions go to `prompt_pos` (the model overwrites their embeddings).
+PROMPT_PLACEHOLDER = -1
 
 
 class ClozeTask:
@@ -155,7 +160,9 @@ def encode_parts(tokenizer: Tokenizer, parts: Sequence[Fragment]) -> EncodedPart
     """
     out: EncodedPart = []
     for frag in parts:
-        if frag.is_mask:
+        if frag.prompt:
+            out.append(([PROMPT_PLACEHOLDER] * frag.prompt, False))
+        elif frag.is_mask:
             out.append(([tokenizer.mask_id], False))
         elif frag.text:
             out.append((list(tokenizer.encode(frag.text)), frag.shortenable))
@@ -298,6 +305,7 @@ class ClozeSample:
     targets: np.ndarray | None = None
     label_ids: np.ndarray | None = None
     truncated: bool = False
+    prompt_pos: np.ndarray | None = None  # [n] or [C, n]: the continuous-prompt placeholders (P-tuning)
 
     @property
     def num_choices(self) -> int:
@@ -318,8 +326,9 @@ class ClozeSample:
         Returns:
             A sample with `input_ids`/`targets`/`loss_mask` [C, S], `position_ids` [C, 2, S], `sep` [C].
         """
+        input_ids = np.stack([r.input_ids for r in rows])
         return cls(
-            input_ids=np.stack([r.input_ids for r in rows]),
+            input_ids=input_ids,
             position_ids=np.stack([r.position_ids for r in rows]),
             sep=np.asarray([r.sep for r in rows], dtype=np.int64),
             loss_mask=np.stack([r.loss_mask for r in rows]),
@@ -327,7 +336,23 @@ class ClozeSample:
             label=label,
             uid=uid,
             truncated=truncated,
+            prompt_pos=take_prompts(input_ids, uid),
         )
+
+
+def take_prompts(input_ids: np.ndarray, uid: str) -> np.ndarray | None:
+    """Positions of the continuous-prompt placeholders of a row [S] or rows [C, S] ([n] / [C, n]), which
+    become id 0 in place; None when there are none."""
+    found = input_ids == PROMPT_PLACEHOLDER
+    if not found.any():
+        return None
+    counts = found.sum(-1)
+    if np.any(counts != counts.flat[0]):
+        raise ValueError(f"example {uid}: its rows keep different numbers of prompt tokens {counts.tolist()}")
+    input_ids[found] = 0
+    if input_ids.ndim == 1:
+        return np.flatnonzero(found)
+    return np.stack([np.flatnonzero(row) for row in found])
 
 
 def verbalizer_ids(task: ClozeTask, tokenizer: Tokenizer, pattern_id: int) -> list[int]:
@@ -351,6 +376,7 @@ def encode_example(
     pattern_id: int | None = None,
     max_seq_length: int | None = None,
     split: str = "dev",
+    prompt_tokens: int = 0,
 ) -> ClozeSample:
     """Build the cloze model inputs of one example (spec D.1-D.3).
 
@@ -361,6 +387,8 @@ def encode_example(
         pattern_id: pattern to use; default `task.default_pattern`.
         max_seq_length: row length; default `task.max_seq_length`.
         split: `train` enables train-only label rules (WSC with the `mix` loss labels choice 0).
+        prompt_tokens: continuous-prompt placeholders put before Part A (P-tuning's prefix prompt), on top
+            of any `prompt` fragments of the pattern; their positions go to `prompt_pos`.
 
     Returns:
         The `ClozeSample`.
@@ -368,6 +396,8 @@ def encode_example(
     pid = task.check_pattern(pattern_id)
     max_len = max_seq_length or task.max_seq_length
     parts_a, parts_b = task.pattern(example, pid)
+    if prompt_tokens:
+        parts_a = [Fragment(None, prompt=prompt_tokens), *parts_a]
     if sum(f.is_mask for f in (*parts_a, *parts_b)) != 1:
         raise ValueError(f"task {task.name} pattern {pid}: a pattern needs exactly one mask slot")
     enc_a, enc_b = encode_parts(tokenizer, parts_a), encode_parts(tokenizer, parts_b)
@@ -388,6 +418,7 @@ def encode_example(
             uid=example.guid,
             label_ids=np.asarray(verbalizer_ids(task, tokenizer, pid), dtype=np.int64),
             truncated=truncated,
+            prompt_pos=take_prompts(row.input_ids, example.guid),
         )
     answers = task.answers(example, pid)
     if not answers:
@@ -424,8 +455,9 @@ def filled_pattern_tokens(
         raise ValueError(f"task {task.name}: example {example.guid} has no label to fill the pattern with")
     answer = task.answers(example, pid)[label] if task.multi_token else task.verbalizer(pid)[label]
     parts_a, parts_b = task.pattern(example, pid)
-    enc_a = encode_parts(tokenizer, [Fragment(answer) if f.is_mask else f for f in parts_a])
-    enc_b = encode_parts(tokenizer, [Fragment(answer) if f.is_mask else f for f in parts_b])
+    # Plain text: the answer in the mask slot, no continuous-prompt placeholders.
+    enc_a = encode_parts(tokenizer, [Fragment(answer) if f.is_mask else f for f in parts_a if not f.prompt])
+    enc_b = encode_parts(tokenizer, [Fragment(answer) if f.is_mask else f for f in parts_b if not f.prompt])
     truncate(enc_a, enc_b, 0, max_seq_length or task.max_seq_length)
     ids = [
         tokenizer.cls_id,
@@ -471,6 +503,9 @@ def collate(samples: Sequence[ClozeSample]) -> dict[str, Tensor]:
         }
         if samples[0].label_ids is not None:  # cloze rows; classifier-head rows have no label words
             batch["label_ids"] = torch.from_numpy(np.stack([s.label_ids for s in samples]))
+        if samples[0].prompt_pos is not None:
+            _prompt_count(samples)
+            batch["prompt_pos"] = torch.from_numpy(np.stack([s.prompt_pos for s in samples]))
         return batch
     C = max(s.num_choices for s in samples)
     B = len(samples)
@@ -489,7 +524,7 @@ def collate(samples: Sequence[ClozeSample]) -> dict[str, Tensor]:
         targets[b, :n] = s.targets[:, :width]
         loss_mask[b, :n] = s.loss_mask[:, :width]
         choice_mask[b, :n] = 1
-    return {
+    batch = {
         "input_ids": torch.from_numpy(input_ids),
         "position_ids": torch.from_numpy(position_ids),
         "sep": torch.from_numpy(sep),
@@ -498,6 +533,22 @@ def collate(samples: Sequence[ClozeSample]) -> dict[str, Tensor]:
         "choice_mask": torch.from_numpy(choice_mask),
         "labels": labels,
     }
+    if samples[0].prompt_pos is not None:
+        n = _prompt_count(samples)
+        prompt_pos = np.zeros((B, C, n), dtype=np.int64)  # padded choices point at index 0
+        for b, s in enumerate(samples):
+            prompt_pos[b, : s.num_choices] = s.prompt_pos
+        batch["prompt_pos"] = torch.from_numpy(prompt_pos)
+    return batch
+
+
+def _prompt_count(samples: Sequence[ClozeSample]) -> int:
+    counts = {None if s.prompt_pos is None else s.prompt_pos.shape[-1] for s in samples}
+    if len(counts) != 1:
+        raise ValueError(
+            f"a batch mixes examples with different numbers of prompt tokens: {sorted(map(str, counts))}"
+        )
+    return int(counts.pop())
 
 
 def cloze_scores(model: torch.nn.Module, batch: dict[str, Tensor], length_penalty: float = 0.0) -> Tensor:
@@ -514,7 +565,10 @@ def cloze_scores(model: torch.nn.Module, batch: dict[str, Tensor], length_penalt
         at_sep = torch.zeros(B, T, dtype=torch.bool, device=device)
         sep = batch["sep"].to(device)
         at_sep[torch.arange(B, device=device), sep] = True
-        out = model(input_ids, batch["position_ids"].to(device), attention_mask=sep, logits_mask=at_sep)
+        extra = {"prompt_pos": batch["prompt_pos"].to(device)} if "prompt_pos" in batch else {}
+        out = model(
+            input_ids, batch["position_ids"].to(device), attention_mask=sep, logits_mask=at_sep, **extra
+        )
         return out.logits.gather(1, batch["label_ids"].to(device))  # [B, V] -> [B, K]
     B, C, T = input_ids.shape
     choice_mask = batch["choice_mask"].to(device).bool()
@@ -524,7 +578,8 @@ def cloze_scores(model: torch.nn.Module, batch: dict[str, Tensor], length_penalt
     sep = batch["sep"].to(device)[choice_mask]
     loss_mask = batch["loss_mask"].to(device)[choice_mask].bool()
     targets = batch["targets"].to(device)[choice_mask][loss_mask]  # [M] answer tokens of all rows
-    out = model(ids, pos, attention_mask=sep, logits_mask=loss_mask)
+    extra = {"prompt_pos": batch["prompt_pos"].to(device)[choice_mask]} if "prompt_pos" in batch else {}
+    out = model(ids, pos, attention_mask=sep, logits_mask=loss_mask, **extra)
     token_logp = out.logits.float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)  # [M]
     row_of_token = torch.arange(ids.size(0), device=device)[:, None].expand_as(loss_mask)[loss_mask]
     row_scores = torch.zeros(ids.size(0), device=device, dtype=token_logp.dtype).index_add(

@@ -122,11 +122,18 @@ class CustomTask(ClozeTask):
         if not isinstance(items, list):
             raise ValueError(f"{self.source}: field {key!r} must be a list of pieces")
         for i, item in enumerate(items):
-            if isinstance(item, dict):
+            if isinstance(item, dict) and set(item) == {"prompt"}:
+                count = item["prompt"]
+                if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+                    raise ValueError(
+                        f"{self.source}: {key}[{i}]: prompt must be a positive integer, got {count!r}"
+                    )
+            elif isinstance(item, dict):
                 extra = set(item) - {"text", "shortenable", "mask"}
                 if extra or ("text" not in item and not item.get("mask")):
                     raise ValueError(
                         f"{self.source}: {key}[{i}] must be a string or {{text, shortenable}} / {{mask: true}}"
+                        " / {prompt: N}"
                     )
             elif not isinstance(item, str):
                 raise ValueError(f"{self.source}: {key}[{i}] must be a string, got {item!r}")
@@ -214,6 +221,8 @@ class CustomTask(ClozeTask):
         for item in items:
             if _is_mask(item):
                 out.append(MASK)
+            elif isinstance(item, dict) and "prompt" in item:
+                out.append(Fragment(None, prompt=item["prompt"]))
             elif isinstance(item, dict):
                 out.append(Fragment(self._fill(item["text"], example), bool(item.get("shortenable", False))))
             else:
@@ -266,7 +275,9 @@ def load_task(path: str | Path) -> CustomTask:
         labels: label values in class order (default: the verbalizer's keys or 0..n-1 for `choices`).
         pattern: list of pieces for Part A: a string (text with `{field}` placeholders, any column of the
             row plus `{text_a}`/`{text_b}`), `[MASK]` for the mask slot, or `{text: ..., shortenable: true}`
-            for text that may be truncated. Pieces are encoded separately, so leading spaces matter.
+            for text that may be truncated, or `{prompt: N}` for N continuous-prompt tokens (P-tuning: their
+            embeddings are learned; without it, `--data.prompt_tokens` puts them before Part A). Pieces are
+            encoded separately, so leading spaces matter.
         pattern_b: optional Part B pieces (same syntax).
         verbalizer: {label: word} -- single-token cloze; each word must be one token (e.g. " great").
         choices: list of answer strings shared by all examples, one per label -- multi-token cloze.

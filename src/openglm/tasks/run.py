@@ -5,6 +5,7 @@ writing a metrics JSON; zero-shot LM, seq2seq and infilling task names are hande
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 from openglm import parallel
 from openglm.atomic import write_text_atomic
 from openglm.lora import ALL_TARGETS, LoRASettings
+from openglm.ptuning import ENCODERS, GLMWithPrompts, PromptEncoder, prompt_settings
 from openglm.tasks.classifier import (
     GLMForSequenceClassification,
     classifier_scores,
@@ -72,6 +74,10 @@ class TaskData:
         length_penalty: multi-token score normaliser exponent; default the task's (WSC: 1).
         max_train_examples: use only the first N training examples (quick runs).
         max_eval_examples: evaluate only the first N examples.
+        prompt_tokens: P-tuning (spec D.5, cloze mode): this many continuous-prompt tokens before Part A
+            (a YAML pattern may also place `{prompt: N}`); their embeddings come from a prompt encoder that
+            trains with the model. Default for a P-tuned checkpoint: the count it was trained with.
+        prompt_encoder: `lstm` (official default), `mlp` or `none` (the raw prompt embeddings).
     """
 
     data_dir: str | None = None
@@ -86,10 +92,18 @@ class TaskData:
     length_penalty: float | None = None
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
+    prompt_tokens: int = 0
+    prompt_encoder: str = "lstm"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"data.mode={self.mode!r}; expected one of {MODES}")
+        if self.prompt_tokens < 0:
+            raise ValueError(f"data.prompt_tokens={self.prompt_tokens!r} must be >= 0")
+        if self.prompt_tokens and self.mode != "cloze":
+            raise ValueError("data.prompt_tokens (P-tuning) applies to cloze mode only")
+        if self.prompt_encoder not in ENCODERS:
+            raise ValueError(f"data.prompt_encoder={self.prompt_encoder!r}; expected one of {ENCODERS}")
         for name in ("max_seq_length", "max_train_examples", "max_eval_examples"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -129,6 +143,8 @@ class FinetuneSettings:
         lora_alpha: LoRA scale numerator (updates are scaled by alpha / rank).
         lora_dropout: dropout on the adapters' input.
         lora_targets: the linear layers that get adapters (default all four of every block).
+        freeze_transformer: with P-tuning (`data.prompt_tokens` or `{prompt: N}` slots), train only the
+            prompt encoder and keep every GLM weight as it is (prompt tuning).
     """
 
     recipe: str = "large"
@@ -154,6 +170,7 @@ class FinetuneSettings:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ALL_TARGETS
+    freeze_transformer: bool = False
 
     def __post_init__(self) -> None:
         if self.lora_rank < 0:
@@ -262,7 +279,10 @@ def encode_all(
     max_len = data.max_seq_length or task.max_seq_length
     if data.mode == "classifier":
         return [encode_classifier_example(task, e, tokenizer, max_len, split) for e in examples]
-    samples = [encode_example(task, e, tokenizer, data.pattern_id, max_len, split) for e in examples]
+    samples = [
+        encode_example(task, e, tokenizer, data.pattern_id, max_len, split, data.prompt_tokens)
+        for e in examples
+    ]
     n_trunc = sum(s.truncated for s in samples)
     if n_trunc:
         logger.info(
@@ -463,9 +483,16 @@ def load_tokenizer(model_dir: str | os.PathLike, tokenizer: str | os.PathLike | 
 def load_model(
     model_dir: str | os.PathLike, task: ClozeTask, data: TaskData, device: torch.device
 ) -> nn.Module:
-    """The backbone for cloze mode; backbone + head for classifier mode (a saved head is reused)."""
+    """The backbone for cloze mode (with its prompt encoder when P-tuned); backbone + head for classifier
+    mode (a saved head is reused)."""
     from openglm.model import GLMModel
 
+    if prompt_settings(model_dir) is not None:
+        if data.mode != "cloze":
+            raise ValueError(
+                f"{model_dir} holds a P-tuned model; it answers cloze questions (data.mode=cloze)"
+            )
+        return GLMWithPrompts.from_pretrained(model_dir, device=device)
     if is_classifier_dir(model_dir):
         if data.mode != "classifier":
             raise ValueError(f"{model_dir} holds a classifier-head model; pass --data.mode classifier")
@@ -475,6 +502,54 @@ def load_model(
         return backbone
     num_classes = 1 if task.multi_token else len(task.label_list)
     return GLMForSequenceClassification(backbone, num_classes, data.pool_token).to(device)
+
+
+def prompt_data(model_dir: str | os.PathLike, data: TaskData) -> TaskData:
+    """`data` with the prefix prompt count a P-tuned checkpoint was trained with, unless set explicitly."""
+    meta = prompt_settings(model_dir)
+    if meta is None or data.prompt_tokens:
+        return data
+    return dataclasses.replace(data, prompt_tokens=meta["prefix_tokens"], prompt_encoder=meta["encoder"])
+
+
+def attach_prompts(
+    net: nn.Module, samples: Sequence[ClozeSample], data: TaskData, train: FinetuneSettings | None = None
+) -> nn.Module:
+    """The model that reads the samples' prompt tokens: a P-tuned model is checked against them; for
+    training (`train` given) a plain GLM gets a new prompt encoder when they have any, and
+    `train.freeze_transformer` freezes the GLM."""
+    counts = {None if s.prompt_pos is None else int(s.prompt_pos.shape[-1]) for s in samples}
+    if len(counts) > 1:
+        raise ValueError(f"the examples place different numbers of prompt tokens: {sorted(map(str, counts))}")
+    n = counts.pop() if counts else None
+    if isinstance(net, GLMWithPrompts):
+        if n != net.encoder.num_tokens:
+            raise ValueError(
+                f"the model was P-tuned with {net.encoder.num_tokens} prompt tokens, but the inputs place "
+                f"{n or 0} (data.prompt_tokens={data.prompt_tokens}, plus the pattern's prompt slots)"
+            )
+    elif n:
+        if train is None:
+            raise ValueError(
+                f"the inputs place {n} prompt tokens (data.prompt_tokens), but the model is not P-tuned"
+            )
+        if train.lora_rank:
+            raise ValueError(
+                "P-tuning (prompt tokens) and LoRA (train.lora_rank) are separate methods; pick one"
+            )
+        device = next(net.parameters()).device
+        net = GLMWithPrompts(
+            net, PromptEncoder(n, net.config.hidden_size, data.prompt_encoder), data.prompt_tokens
+        )
+        net.encoder.to(device)
+    if train is not None and train.freeze_transformer:
+        if not isinstance(net, GLMWithPrompts):
+            raise ValueError(
+                "train.freeze_transformer trains only prompt tokens: set data.prompt_tokens (or {prompt: N} "
+                "pieces in a YAML pattern)"
+            )
+        net.model.requires_grad_(False)
+    return net
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -524,6 +599,7 @@ def finetune(
     out = Path(out_dir)
     device = parallel.init_distributed(train.device).device  # under torchrun: this rank's GPU
     tok = load_tokenizer(model, tokenizer)
+    data = prompt_data(model, data)
     net = load_model(model, t, data, device)
     _check_vocab(net, tok, model)
     hp = official_defaults(t, train)
@@ -536,6 +612,7 @@ def finetune(
     dev_examples = load_examples(t, data, "dev", data.max_eval_examples)
     train_samples = encode_all(t, train_examples, tok, data, "train")
     dev_samples = encode_all(t, dev_examples, tok, data, "dev")
+    net = attach_prompts(net, train_samples, data, train)
     batches: EpochBatches | MixedBatches = EpochBatches(train_samples, int(hp["batch_size"]), train.seed)
     steps_per_epoch = len(batches)
     if train.block_lm_ratio > 0:
@@ -703,13 +780,15 @@ def evaluate(
         if is_classifier_dir(model) and data.mode != "classifier":
             data = TaskData(**{**asdict(data), "mode": "classifier"})
         tok = load_tokenizer(model, tokenizer)
+        data = prompt_data(model, data)
         net = load_model(model, t, data, torch.device(device))
         _check_vocab(net, tok, model)
         length_penalty = t.length_penalty if data.length_penalty is None else data.length_penalty
         examples = load_examples(t, data, split, data.max_eval_examples)
-        scores = predict_scores(
-            net, encode_all(t, examples, tok, data, split), data.mode, length_penalty, batch_size, progress
-        )
+        samples = encode_all(t, examples, tok, data, split)
+        if data.mode == "cloze":
+            net = attach_prompts(net, samples, data)
+        scores = predict_scores(net, samples, data.mode, length_penalty, batch_size, progress)
         result = {"task": t.name, "split": split, "mode": data.mode, "examples": len(examples)}
         result.update(score_examples(t, examples, scores, split))
         if output and parallel.is_main():
