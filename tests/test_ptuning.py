@@ -157,3 +157,63 @@ def test_prompt_tuning_trains_only_the_prompt_encoder(tiny_dir: Path, tmp_path: 
         finetune(task=task, model=str(tiny_dir), out_dir=str(tmp_path / "y"), data=data, train=lora)
     with pytest.raises(ValueError, match="cloze mode only"):
         TaskData(prompt_tokens=2, mode="classifier")
+
+
+def _mix_of(vector: torch.Tensor, table: torch.Tensor, words: range, labels: list[int]) -> bool:
+    """Whether `vector` is w * table[r] + (1 - w) * table[l] for some r in words, l in labels, w in [0, 1]."""
+    for r in words:
+        for label in labels:
+            d = table[r] - table[label]
+            w = float((vector - table[label]) @ d / (d @ d))
+            if 0 <= w <= 1 and torch.allclose(w * table[r] + (1 - w) * table[label], vector, atol=1e-5):
+                return True
+    return False
+
+
+def test_prompt_init_mixes_frequent_and_label_word_embeddings(tiny_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    from openglm.tasks.run import attach_prompts, encode_all, load_examples
+
+    tok = GLMTokenizer.from_pretrained(tiny_dir)
+    _write_data(tmp_path / "data", n_train=4, n_dev=2)
+    task = load_task(_task_yaml(tmp_path, CLOZE_YAML))
+    data = TaskData(prompt_tokens=4, prompt_encoder="none", prompt_init=True)
+    samples = encode_all(task, load_examples(task, data, "train", None), tok, data, "train")
+    settings = FinetuneSettings(seed=3)
+    model = GLMModel.from_pretrained(tiny_dir)
+    net = attach_prompts(model, samples, data, settings)
+    table = model.word_embeddings.weight.detach()
+    labels = [tok.encode(" terrible")[0], tok.encode(" great")[0]]
+    vectors = net.encoder().detach()
+    assert all(_mix_of(v, table, range(table.shape[0]), labels) for v in vectors)
+    assert not _mix_of(vectors[0], table, range(table.shape[0]), [5])  # not some other word's mix
+    again = attach_prompts(GLMModel.from_pretrained(tiny_dir), samples, data, settings)
+    torch.testing.assert_close(again.encoder(), net.encoder())  # seeded by train.seed
+    plain = attach_prompts(GLMModel.from_pretrained(tiny_dir), samples, TaskData(prompt_tokens=4), settings)
+    assert not _mix_of(plain.encoder.embeddings.weight[0].detach(), table, range(table.shape[0]), labels)
+
+
+def test_tune_prefix_layers_trains_the_embeddings_and_the_first_layers(
+    tiny_dir: Path, tmp_path: Path
+) -> None:  # noqa: F811
+    _write_data(tmp_path / "data")
+    task = str(_task_yaml(tmp_path, CLOZE_YAML))
+    settings = FinetuneSettings(
+        max_steps=4, batch_size=8, lr=1e-2, warmup=0.0, progress=False, device="cpu", freeze_transformer=True,
+        tune_prefix_layers=1,
+    )  # fmt: skip
+    out = tmp_path / "run"
+    finetune(task=task, model=str(tiny_dir), out_dir=str(out), data=TaskData(prompt_tokens=2), train=settings)
+    before = GLMModel.from_pretrained(tiny_dir).state_dict()
+    after = GLMModel.from_pretrained(out / "best").state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert "word_embeddings.weight" in changed
+    assert any(k.startswith("transformer.layers.0.") for k in changed)
+    assert not any(k.startswith("transformer.layers.1.") for k in changed)
+    assert "transformer.position_embeddings.weight" not in changed
+    with pytest.raises(ValueError, match="needs train.freeze_transformer"):
+        FinetuneSettings(tune_prefix_layers=1)
+    with pytest.raises(ValueError, match="the model has 2 layers"):
+        finetune(
+            task=task, model=str(tiny_dir), out_dir=str(tmp_path / "x"), data=TaskData(prompt_tokens=2),
+            train=FinetuneSettings(max_steps=1, progress=False, freeze_transformer=True, tune_prefix_layers=3),
+        )  # fmt: skip

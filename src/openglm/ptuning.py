@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,28 @@ class PromptEncoder(nn.Module):
         )
         width = 2 * h if kind == "lstm" else h
         self.mlp = nn.Sequential(nn.Linear(width, h), nn.ReLU(), nn.Linear(h, h)) if kind != "none" else None
+
+    @torch.no_grad()
+    def init_from_words(
+        self, word_embeddings: Tensor, label_ids: Sequence[int], generator: torch.Generator
+    ) -> None:
+        """Start each prompt embedding as a random mix w * e(word) + (1 - w) * e(label word), with w ~ U(0, 1),
+        a random word among the first 5000 ids and a random one of `label_ids` (the official --prompt-init).
+
+        Args:
+            word_embeddings: the model's word embedding table [V, h].
+            label_ids: the task's label-word (or answer) token ids, at least one.
+            generator: the random source (seeded by the caller).
+        """
+        if not label_ids:
+            raise ValueError("prompt initialisation from words needs at least one label-word id")
+        n = self.num_tokens
+        table = word_embeddings.detach().float().cpu()
+        words = torch.randint(0, min(5000, table.shape[0]), (n,), generator=generator)
+        labels = torch.as_tensor(list(label_ids))[torch.randint(0, len(label_ids), (n,), generator=generator)]
+        w = torch.rand(n, 1, generator=generator)
+        mixed = w * table[words] + (1 - w) * table[labels]  # [n, h]
+        self.embeddings.weight.copy_(mixed.to(self.embeddings.weight))
 
     def forward(self) -> Tensor:
         """The n prompt vectors, [n, h]."""

@@ -78,6 +78,9 @@ class TaskData:
             (a YAML pattern may also place `{prompt: N}`); their embeddings come from a prompt encoder that
             trains with the model. Default for a P-tuned checkpoint: the count it was trained with.
         prompt_encoder: `lstm` (official default), `mlp` or `none` (the raw prompt embeddings).
+        prompt_init: start each new prompt embedding as a random mix of a frequent word's embedding (one of
+            the first 5000 ids) and a label word's (the answers' tokens for multi-token tasks), instead of
+            random normal vectors.
     """
 
     data_dir: str | None = None
@@ -94,6 +97,7 @@ class TaskData:
     max_eval_examples: int | None = None
     prompt_tokens: int = 0
     prompt_encoder: str = "lstm"
+    prompt_init: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -145,6 +149,8 @@ class FinetuneSettings:
         lora_targets: the linear layers that get adapters (default all four of every block).
         freeze_transformer: with P-tuning (`data.prompt_tokens` or `{prompt: N}` slots), train only the
             prompt encoder and keep every GLM weight as it is (prompt tuning).
+        tune_prefix_layers: with `freeze_transformer`, still train the word embeddings and the first N
+            transformer layers (0: the word embeddings only).
     """
 
     recipe: str = "large"
@@ -171,8 +177,16 @@ class FinetuneSettings:
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ALL_TARGETS
     freeze_transformer: bool = False
+    tune_prefix_layers: int | None = None
 
     def __post_init__(self) -> None:
+        if self.tune_prefix_layers is not None and (
+            self.tune_prefix_layers < 0 or not self.freeze_transformer
+        ):
+            raise ValueError(
+                f"train.tune_prefix_layers={self.tune_prefix_layers!r} needs train.freeze_transformer and a "
+                "count >= 0"
+            )
         if self.lora_rank < 0:
             raise ValueError(f"train.lora_rank={self.lora_rank!r} must be >= 0 (0 = full fine-tuning)")
         self.lora()  # validates the other LoRA settings
@@ -538,10 +552,11 @@ def attach_prompts(
                 "P-tuning (prompt tokens) and LoRA (train.lora_rank) are separate methods; pick one"
             )
         device = next(net.parameters()).device
-        net = GLMWithPrompts(
-            net, PromptEncoder(n, net.config.hidden_size, data.prompt_encoder), data.prompt_tokens
-        )
-        net.encoder.to(device)
+        encoder = PromptEncoder(n, net.config.hidden_size, data.prompt_encoder)
+        if data.prompt_init:
+            generator = torch.Generator().manual_seed(train.seed)
+            encoder.init_from_words(net.word_embeddings.weight, _answer_ids(samples), generator)
+        net = GLMWithPrompts(net, encoder.to(device), data.prompt_tokens)
     if train is not None and train.freeze_transformer:
         if not isinstance(net, GLMWithPrompts):
             raise ValueError(
@@ -549,7 +564,28 @@ def attach_prompts(
                 "pieces in a YAML pattern)"
             )
         net.model.requires_grad_(False)
+        if train.tune_prefix_layers is not None:
+            layers = net.model.transformer.layers
+            if train.tune_prefix_layers > len(layers):
+                raise ValueError(
+                    f"train.tune_prefix_layers={train.tune_prefix_layers} but the model has {len(layers)} layers"
+                )
+            net.model.word_embeddings.requires_grad_(True)
+            for layer in layers[: train.tune_prefix_layers]:
+                layer.requires_grad_(True)
     return net
+
+
+def _answer_ids(samples: Sequence[ClozeSample]) -> list[int]:
+    """The label-word ids of single-token samples, or the answer tokens of multi-token ones (sorted)."""
+    ids: set[int] = set()
+    for s in samples:
+        if s.label_ids is not None:
+            ids.update(int(i) for i in s.label_ids)
+        elif s.targets is not None:
+            for targets, mask in zip(s.targets, s.loss_mask, strict=True):
+                ids.update(int(i) for i in targets[np.flatnonzero(mask)[:-1]])  # without the closing eop
+    return sorted(ids)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
