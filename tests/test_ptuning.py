@@ -170,7 +170,7 @@ def _mix_of(vector: torch.Tensor, table: torch.Tensor, words: range, labels: lis
     return False
 
 
-def test_prompt_init_mixes_frequent_and_label_word_embeddings(tiny_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_prompt_init_mixes_word_and_label_embeddings(tiny_dir: Path, tmp_path: Path) -> None:  # noqa: F811
     from openglm.tasks.run import attach_prompts, encode_all, load_examples
 
     tok = GLMTokenizer.from_pretrained(tiny_dir)
@@ -192,9 +192,7 @@ def test_prompt_init_mixes_frequent_and_label_word_embeddings(tiny_dir: Path, tm
     assert not _mix_of(plain.encoder.embeddings.weight[0].detach(), table, range(table.shape[0]), labels)
 
 
-def test_tune_prefix_layers_trains_the_embeddings_and_the_first_layers(
-    tiny_dir: Path, tmp_path: Path
-) -> None:  # noqa: F811
+def test_tune_prefix_layers_trains_embeddings_and_first_layers(tiny_dir: Path, tmp_path: Path) -> None:  # noqa: F811
     _write_data(tmp_path / "data")
     task = str(_task_yaml(tmp_path, CLOZE_YAML))
     settings = FinetuneSettings(
