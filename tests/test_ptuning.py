@@ -215,3 +215,30 @@ def test_tune_prefix_layers_trains_embeddings_and_first_layers(tiny_dir: Path, t
             task=task, model=str(tiny_dir), out_dir=str(tmp_path / "x"), data=TaskData(prompt_tokens=2),
             train=FinetuneSettings(max_steps=1, progress=False, freeze_transformer=True, tune_prefix_layers=3),
         )  # fmt: skip
+
+
+def test_resumed_prompt_tuning_equals_an_uninterrupted_run(tiny_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    from safetensors.torch import load_file
+
+    _write_data(tmp_path / "data", n_train=8, n_dev=4)
+    task = str(_task_yaml(tmp_path, CLOZE_YAML))
+    data = TaskData(prompt_tokens=2, prompt_encoder="lstm")
+
+    def run(out: Path, steps: int, resume: bool = False) -> None:
+        settings = FinetuneSettings(
+            max_steps=steps, batch_size=4, lr=1e-2, warmup=0.0, eval_every=2, progress=False, device="cpu",
+            freeze_transformer=True, resume=resume, lr_decay_ratio=1.0,  # a constant lr: same steps 1-2
+        )  # fmt: skip
+        finetune(task=task, model=str(tiny_dir), out_dir=str(out), data=data, train=settings)
+
+    run(tmp_path / "straight", 4)
+    run(tmp_path / "resumed", 2)
+    run(tmp_path / "resumed", 4, resume=True)
+    a, b = (
+        load_file(str(tmp_path / r / "checkpoints/step-00000004/model.safetensors"))
+        for r in ("straight", "resumed")
+    )
+    prompt_keys = [k for k in a if "encoder" in k]
+    assert prompt_keys and a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)

@@ -552,7 +552,9 @@ def attach_prompts(
                 "P-tuning (prompt tokens) and LoRA (train.lora_rank) are separate methods; pick one"
             )
         device = next(net.parameters()).device
-        encoder = PromptEncoder(n, net.config.hidden_size, data.prompt_encoder)
+        with torch.random.fork_rng(devices=[]):  # the initial prompts depend on train.seed only
+            torch.manual_seed(train.seed)
+            encoder = PromptEncoder(n, net.config.hidden_size, data.prompt_encoder)
         if data.prompt_init:
             generator = torch.Generator().manual_seed(train.seed)
             encoder.init_from_words(net.word_embeddings.weight, _answer_ids(samples), generator)
