@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import string
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -412,3 +413,25 @@ def test_multi_task_samples_fill_each_pattern_with_its_answer(tiny_dir: Path, tm
         multi_task_samples(["rte"], tok, 24)
     with pytest.raises(ValueError, match="unknown task"):
         multi_task_samples([f"nope={rte}"], tok, 24)
+
+
+def test_new_parameters_depend_on_the_seed_not_on_what_ran_before(tiny_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    _write_data(tmp_path / "data", n_train=8, n_dev=4)
+    task = str(_task_yaml(tmp_path, CLOZE_YAML))
+
+    def run(name: str, data: TaskData, **kw: Any) -> dict[str, torch.Tensor]:
+        torch.rand(7)  # the global RNG is elsewhere each time
+        settings = FinetuneSettings(
+            max_steps=1, batch_size=4, eval_every=1, progress=False, device="cpu", **kw
+        )
+        finetune(task=task, model=str(tiny_dir), out_dir=str(tmp_path / name), data=data, train=settings)
+        return load_file(str(tmp_path / name / "checkpoints/step-00000001/model.safetensors"))
+
+    for data, kw in ((TaskData(mode="classifier"), {}), (TaskData(), {"lora_rank": 2})):
+        a, b = run("a", data, **kw), run("b", data, **kw)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        c = run("c", data, seed=7, **kw)
+        assert any(not torch.equal(a[k], c[k]) for k in a)

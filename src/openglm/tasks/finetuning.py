@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor, nn
 
 from openglm import parallel
@@ -169,7 +170,9 @@ def fit_keeping_best(
     if env.distributed:
         batches = RankShard(batches, env.rank, env.world_size)
     if lora is not None:
-        adapted = add_lora(model, lora)
+        with torch.random.fork_rng(devices=[]):  # the adapters' initialisation depends on the seed only
+            torch.manual_seed(settings.seed)
+            adapted = add_lora(model, lora)
         logger.info("LoRA rank %d on %d layers: %s", lora.rank, adapted, trainable_summary(model))
 
     out = Path(run_dir)

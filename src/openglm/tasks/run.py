@@ -638,7 +638,9 @@ def finetune(
     device = parallel.init_distributed(train.device).device  # under torchrun: this rank's GPU
     tok = load_tokenizer(model, tokenizer)
     data = prompt_data(model, data)
-    net = load_model(model, t, data, device)
+    with torch.random.fork_rng(devices=[]):  # a new classifier head's initialisation depends on the seed only
+        torch.manual_seed(train.seed)
+        net = load_model(model, t, data, device)
     _check_vocab(net, tok, model)
     hp = official_defaults(t, train)
     loss_func = data.loss_func or t.loss_func
