@@ -115,3 +115,9 @@ def test_finetune_infilling_end_to_end(tmp_path: Path) -> None:
 def test_yahoo_documents_read(shared_data: Path) -> None:
     docs = read_documents(shared_data / "yahoo" / "val.txt", limit=5)
     assert len(docs) == 5 and all(20 <= len(d.split()) <= 200 for d in docs)
+    assert read_documents(shared_data / "yahoo", limit=5) == docs  # a folder: its dev split is val.txt
+    assert read_documents(shared_data / "yahoo", limit=5, split="test") == read_documents(
+        shared_data / "yahoo" / "test.txt", limit=5
+    )
+    with pytest.raises(FileNotFoundError, match=r"no train file \(train.txt, train.jsonl\)"):
+        read_documents(shared_data / "yahoo", split="train")

@@ -207,6 +207,13 @@ def test_perplexity_of_uniform_model_is_vocab_size(tmp_path: Path) -> None:
     )
     uni = evaluate_perplexity(model, tok, path, seq_length=32, stride=8, unidirectional=True)
     assert uni["ppl"] == pytest.approx(tok.vocab_size, rel=1e-5)
+    few = evaluate_perplexity(model, tok, path, seq_length=32, stride=8, limit=2)
+    assert few["num_windows"] == 2 and "adjusted_ppl" not in few
+    assert 0 < few["num_tokens"] < m["num_tokens"]
+    assert few["ppl"] == pytest.approx(tok.vocab_size, rel=1e-5)
+    limit = model.config.max_sequence_length
+    with pytest.raises(ValueError, match=f"seq_length {limit + 1}: must be between 2 and .* {limit}"):
+        evaluate_perplexity(model, tok, path, seq_length=limit + 1)
 
 
 def test_lambada_and_multichoice_end_to_end(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from openglm import parallel
 from openglm.parallel import DistEnv, resolve_strategy, wrap_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -364,3 +365,15 @@ def test_two_gloo_ranks_evaluate_each_half_and_agree_with_one_process(tmp_path):
     for key, total in one["rows"].items():
         assert total > 0 and sum(r["rows"][key] for r in ranks) == total, key
         assert all(r["rows"][key] < total for r in ranks), key  # each rank did only its share
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the messages of a machine without CUDA")
+def test_unavailable_or_malformed_devices_are_one_line_errors() -> None:
+    assert parallel.resolve_device("auto") == torch.device("cpu")
+    assert parallel.resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="device 'cuda': CUDA is not available here"):
+        parallel.resolve_device("cuda")
+    with pytest.raises(ValueError, match="device 'cuda:1': CUDA is not available here"):
+        parallel.init_distributed("cuda:1")
+    with pytest.raises(ValueError, match="device 'gpu': not a device name"):
+        parallel.resolve_device("gpu")

@@ -81,8 +81,15 @@ def test_read_pairs_formats(tmp_path: Path) -> None:
     (tmp_path / "dev.source").write_text("a b\nc d\n")
     (tmp_path / "dev.target").write_text("A\nC\n")
     assert read_pairs(tmp_path, "dev") == [("a b", "A"), ("c d", "C")]
-    with pytest.raises(FileNotFoundError, match="train.source"):
+    with pytest.raises(
+        FileNotFoundError, match=r"no train file \(train.jsonl, or .source \+ .target pairs\)"
+    ):
         read_pairs(tmp_path, "train")
+    official = tmp_path / "official"  # the official folders name the dev split `val`
+    official.mkdir()
+    (official / "val.source").write_text("e f\n")
+    (official / "val.target").write_text("E\n")
+    assert read_pairs(official, "dev") == [("e f", "E")]
     (tmp_path / "odd.jsonl").write_text('{"question": "q"}\n')
     with pytest.raises(ValueError, match="source_key"):
         read_pairs(tmp_path / "odd.jsonl")

@@ -3,7 +3,9 @@ docstrings (jsonargparse). Errors in user input end the process with one line, n
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -29,8 +31,11 @@ def _commands() -> dict[str, Any]:
         "finetune": finetune,
         "eval": evaluate,
         "infill": infill,
-        "tokenizer": {"train": train_tokenizer},
-        "data": {"prepare": prepare_corpus},
+        "tokenizer": {"_help": "Train a tokenizer (byte-level BPE) on a corpus.", "train": train_tokenizer},
+        "data": {
+            "_help": "Tokenize a corpus into memory-mapped pretraining shards.",
+            "prepare": prepare_corpus,
+        },
     }
     return table
 
@@ -63,6 +68,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _print_result(result: object) -> None:
+    """The verb's result on stdout (logs go to stderr): text as it is, anything else as JSON that scripts can
+    read."""
     if result is None or isinstance(result, Callable):
         return
-    print(result)
+    if isinstance(result, os.PathLike):
+        result = os.fspath(result)
+    print(result if isinstance(result, str) else json.dumps(result, indent=1, default=str))

@@ -60,11 +60,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 300.0) -> DistEnv:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        device = f"cuda:{local_rank}"
-    dev = torch.device(device)
+    dev = resolve_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
@@ -78,6 +74,42 @@ def init_distributed(device: str = "auto", timeout_s: float = 300.0) -> DistEnv:
         )
         log.info("rank %d/%d joined the %s process group on %s", rank, world_size, backend, dev)
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def resolve_device(device: str | torch.device = "auto", local_rank: int = 0) -> torch.device:
+    """The device a `--device` value names, checked against this machine.
+
+    Args:
+        device: `auto` (GPU `local_rank` when CUDA is available, else CPU), `cpu`, `cuda` (GPU `local_rank`),
+            `cuda:N`, or another torch device string (`mps`).
+        local_rank: this process's GPU under torchrun.
+
+    Raises:
+        ValueError: one line naming the value, for a malformed name or a GPU this machine does not have.
+    """
+    name = str(device)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{local_rank}"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {str(device)!r}: not a device name (cpu, cuda, cuda:N, auto)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {str(device)!r}: CUDA is not available here (a CPU build of torch, or no GPU visible); "
+                "use cpu"
+            )
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(
+                f"device {str(device)!r}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r}: MPS is not available here; use cpu")
+    return dev
 
 
 def is_main() -> bool:

@@ -11,6 +11,7 @@ from typing import Any, TextIO
 
 import torch
 
+from openglm import parallel
 from openglm.generate.decoding import GenerationConfig
 from openglm.generate.infill import FilledText, TokenEvent, fill_blanks
 
@@ -145,6 +146,7 @@ def infill(
     tok = load_tokenizer(model_dir, tokenizer)
     # The padding rows of the vocabulary have no text: never produce them on the command line.
     config = config.replace(vocab_limit=tok.num_tokens)
+    device = str(parallel.resolve_device(device))
     model = GLMModel.from_pretrained(model_dir, dtype=torch_dtype, device=device)
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(

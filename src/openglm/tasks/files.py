@@ -54,3 +54,23 @@ def row_field(row: dict[str, Any], name: str, path: str | os.PathLike, n: int) -
     if name not in row:
         raise ValueError(f"{path}: row {n} has no field {name!r} (fields: {sorted(row)})")
     return row[name]
+
+
+# The names a split's file goes by in a data folder (the official seq2seq and Yahoo folders say `val`).
+SPLIT_NAMES = {"train": ("train",), "dev": ("dev", "val", "valid", "validation"), "test": ("test",)}
+
+
+def find_split_file(folder: str | os.PathLike, split: str, suffixes: tuple[str, ...]) -> Path | None:
+    """The file of `split` in `folder`: the first `{name}{suffix}` that exists, for the split's names
+    (`SPLIT_NAMES`) and the given suffixes in order; None when there is none."""
+    folder = Path(folder)
+    for name in SPLIT_NAMES.get(split, (split,)):
+        for suffix in suffixes:
+            if (folder / f"{name}{suffix}").is_file():
+                return folder / f"{name}{suffix}"
+    return None
+
+
+def split_file_names(split: str, suffixes: tuple[str, ...]) -> str:
+    """The file names `find_split_file` tries, for error messages."""
+    return ", ".join(f"{name}{suffix}" for name in SPLIT_NAMES.get(split, (split,)) for suffix in suffixes)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from openglm import parallel
 from openglm.atomic import write_text_atomic
 from openglm.lora import LoRASettings
+from openglm.tasks.files import find_split_file, split_file_names
 from openglm.tasks.finetuning import finetune_generation
 from openglm.tasks.lm_eval import Sample, collate
 
@@ -31,9 +32,17 @@ MASK_TEXT = "[MASK]"
 # Blanks
 
 
-def read_documents(path: str | os.PathLike, limit: int | None = None) -> list[str]:
-    """Documents of a Yahoo-style text file (one per line, blank lines skipped) or of a jsonl `text` field."""
+def read_documents(path: str | os.PathLike, limit: int | None = None, split: str = "dev") -> list[str]:
+    """Documents of a Yahoo-style text file (one per line, blank lines skipped) or of a jsonl `text` field;
+    for a folder, its `split` file (`test.txt`, `val.txt`, `dev.jsonl`, ...)."""
     path = Path(path)
+    if path.is_dir():
+        found = find_split_file(path, split, (".txt", ".jsonl"))
+        if found is None:
+            raise FileNotFoundError(
+                f"{path}: no {split} file ({split_file_names(split, ('.txt', '.jsonl'))})"
+            )
+        path = found
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     if path.suffix == ".jsonl":
@@ -383,7 +392,12 @@ def finetune_infilling(
             f"src_seq_length={src_seq_length} exceeds the model's {model.config.max_sequence_length}"
         )
     batches = InfillingBatches(
-        read_documents(train_data, train_limit), tokenizer, mask_ratio, src_seq_length, batch_size, seed
+        read_documents(train_data, train_limit, "train"),
+        tokenizer,
+        mask_ratio,
+        src_seq_length,
+        batch_size,
+        seed,
     )
     dev_docs = read_documents(dev_data, dev_limit) if dev_data is not None else None
 
@@ -434,6 +448,7 @@ def run_infilling_eval(
     limit: int | None = None,
     output: str | None = None,
     device: str = "auto",
+    split: str = "dev",
 ) -> dict[str, float]:
     """BLEU of a (fine-tuned) checkpoint filling seeded blanks; the entry point for `openglm eval`.
 
@@ -448,14 +463,16 @@ def run_infilling_eval(
         limit: only the first `limit` documents.
         output: write predictions (jsonl) here.
         device: `auto`, `cpu`, `cuda`, ...
+        split: the file to read when `data` is a folder (dev: `val.txt`, `dev.txt`, ...; test: `test.txt`).
 
     Returns:
         `{"bleu", "count"}`.
     """
     from openglm.tasks.lm_eval import load_model_and_tokenizer
 
+    documents = read_documents(data, limit, split)
     device = str(parallel.init_distributed(device).device)  # under torchrun: this rank's GPU
     model, tokenizer = load_model_and_tokenizer(model_dir, tokenizer_dir, device)
     return evaluate_infilling(
-        model, tokenizer, data, mask_ratio, src_seq_length, seed, batch_size, limit, output
+        model, tokenizer, data, mask_ratio, src_seq_length, seed, batch_size, limit, output, documents
     )

@@ -366,7 +366,7 @@ def evaluate_lambada(
     tokenizer: Any,
     path: str | os.PathLike,
     unidirectional: bool = False,
-    seq_length: int = 512,
+    seq_length: int | None = None,
     batch_size: int = 16,
     limit: int | None = None,
     progress: bool = False,
@@ -379,7 +379,7 @@ def evaluate_lambada(
         tokenizer: the model's tokenizer.
         path: jsonl with `{"text"}` or `{"prompt", "label"}` rows.
         unidirectional: the unidirectional layout.
-        seq_length: row length (512 officially).
+        seq_length: row length (512 officially; the default, capped at the model's positions).
         batch_size: rows per forward pass.
         limit: evaluate only the first `limit` passages.
         progress: show a progress bar.
@@ -388,6 +388,7 @@ def evaluate_lambada(
         `{"accuracy", "correct", "total"}`.
     """
     path = Path(path)
+    seq_length = row_length(model, seq_length, 512)
     rows = read_jsonl(path)[:limit]
     if not rows:
         raise ValueError(f"{path}: no LAMBADA rows")
@@ -444,11 +445,12 @@ def evaluate_perplexity(
     tokenizer: Any,
     path: str | os.PathLike,
     wikitext: bool | None = None,
-    seq_length: int = 1024,
-    stride: int = 256,
+    seq_length: int | None = None,
+    stride: int | None = None,
     unidirectional: bool = False,
     batch_size: int = 8,
     progress: bool = False,
+    limit: int | None = None,
 ) -> dict[str, float]:
     """Perplexity over sliding windows and the word-level adjusted perplexity (spec D.9).
 
@@ -460,23 +462,52 @@ def evaluate_perplexity(
         tokenizer: the model's tokenizer.
         path: a WikiText `.tokens` file, or a text / jsonl file with one document per line.
         wikitext: treat the file as WikiText (detokenize, one document); default: the name contains "wiki".
-        seq_length: window length + 1 (1024 for WikiText, 512 for `zero_lm`).
-        stride: tokens newly predicted by each window after the first.
+        seq_length: window length + 1 (officially 1024 for WikiText, 512 for `zero_lm`); default 1024, or the
+            model's position count when smaller.
+        stride: tokens newly predicted by each window after the first; default min(256, seq_length // 2).
         unidirectional: the unidirectional window layout.
         batch_size: windows per forward pass.
         progress: show a progress bar.
+        limit: score only the first `limit` windows (a quick look): loss and ppl over the tokens they
+            predict; the word-level adjusted ppl needs the whole text and is left out.
 
     Returns:
-        `{"loss", "ppl", "adjusted_ppl", "num_tokens", "num_words", "num_windows"}`.
+        `{"loss", "ppl", "adjusted_ppl", "num_tokens", "num_words", "num_windows"}` (with `limit`:
+        `{"loss", "ppl", "num_tokens", "num_windows"}`, the tokens being those scored).
     """
     path = Path(path)
+    seq_length = row_length(model, seq_length, 1024)
+    if stride is None:
+        stride = min(256, seq_length // 2)
     if wikitext is None:
         wikitext = "wiki" in path.name.lower() and path.suffix != ".jsonl"
     documents, num_words = read_lm_documents(path, tokenizer, wikitext)
     samples = lm_windows(documents, tokenizer, seq_length, stride, unidirectional)
+    if limit is not None and limit < len(samples):
+        samples = samples[:limit]
+        scored = sum(int(np.count_nonzero(s["loss_mask"])) for s in samples)
+        loss = windows_nll(model, samples, tokenizer.pad_id, batch_size, progress) / scored
+        logger.info(
+            "perplexity over the first %d windows only; no adjusted ppl (it needs the whole text)", limit
+        )
+        return {"loss": loss, "ppl": math.exp(min(20.0, loss)), "num_tokens": scored, "num_windows": limit}
     num_tokens = sum(len(d) for d in documents)
     nll = windows_nll(model, samples, tokenizer.pad_id, batch_size, progress)
     return perplexity_metrics(nll, num_tokens, num_words, len(samples))
+
+
+def row_length(model: torch.nn.Module, seq_length: int | None, default: int) -> int:
+    """`seq_length`, or `default` capped at the model's position count; a row longer than the position table
+    would index past it, so an explicit longer one is refused."""
+    config = getattr(model, "config", None)
+    limit = config.max_sequence_length if config is not None else None
+    if seq_length is None:
+        return min(default, limit) if limit is not None else default
+    if seq_length < 2 or (limit is not None and seq_length > limit):
+        raise ValueError(
+            f"seq_length {seq_length}: must be between 2 and the model's max_sequence_length {limit}"
+        )
+    return seq_length
 
 
 def windows_nll(
@@ -574,7 +605,7 @@ def evaluate_multichoice(
     path: str | os.PathLike,
     unidirectional: bool = False,
     length_normalize: bool = False,
-    seq_length: int = 512,
+    seq_length: int | None = None,
     batch_size: int = 16,
     limit: int | None = None,
     progress: bool = False,
@@ -588,6 +619,7 @@ def evaluate_multichoice(
         `{"accuracy", "correct", "total"}`.
     """
     path = Path(path)
+    seq_length = row_length(model, seq_length, 512)
     rows = read_jsonl(path)[:limit]
     if not rows:
         raise ValueError(f"{path}: no multiple-choice rows")
@@ -688,7 +720,7 @@ def run_lm_eval(
         stride: perplexity window stride; default min(256, seq_length // 2) (the official 256 for 512- and
             1024-token windows, and still half a window of context for models with fewer positions).
         batch_size: rows per forward pass.
-        limit: evaluate only the first rows (lambada, multichoice).
+        limit: evaluate only the first rows (lambada, multichoice) or windows (perplexity).
         device: `auto`, `cpu`, `cuda`, ...
         precision: weights in `fp32`, `bf16` or `fp16` (log-probabilities are always taken in fp32).
         progress: show progress bars.
@@ -700,9 +732,8 @@ def run_lm_eval(
         raise ValueError(f"unknown zero-shot task {task!r}; expected one of {LM_TASKS}")
     device = str(parallel.init_distributed(device).device)  # under torchrun: this rank's GPU
     model, tokenizer = load_model_and_tokenizer(model_dir, tokenizer_dir, device, precision)
-    if seq_length is None:
-        seq_length = 1024 if task == "wikitext" else 512
-        seq_length = min(seq_length, model.config.max_sequence_length)
+    if seq_length is None:  # the official lengths, capped at the model's positions
+        seq_length = row_length(model, None, 1024 if task == "wikitext" else 512)
     if task == "lambada":
         metrics = evaluate_lambada(
             model, tokenizer, data, unidirectional, seq_length, batch_size, limit, progress
@@ -720,15 +751,8 @@ def run_lm_eval(
         )
     else:
         metrics = evaluate_perplexity(
-            model,
-            tokenizer,
-            data,
-            task == "wikitext",
-            seq_length,
-            stride if stride is not None else min(256, seq_length // 2),
-            unidirectional,
-            batch_size,
-            progress,
-        )
+            model, tokenizer, data, task == "wikitext", seq_length, stride, unidirectional, batch_size, progress,
+            limit,
+        )  # fmt: skip
     logger.info("%s: %s", task, metrics)
     return {"task": task, **metrics}

@@ -810,6 +810,8 @@ def evaluate(
     Returns:
         {"task", "split", "examples", metric: value, ...}.
     """
+    if split not in SPLIT_FILES:
+        raise ValueError(f"--split {split!r}: expected one of {list(SPLIT_FILES)}")
     # Under torchrun each rank scores its share of the examples on its own device; rank 0 writes `output`.
     device = str(parallel.init_distributed(device).device)
     name = task.lower()
@@ -942,6 +944,7 @@ def _dispatch_eval(
             batch_size=batch_size,
             limit=data.max_eval_examples,
             device=device,
+            split=split,
             **extra,
         )
     return {"task": task, "split": split, **out}

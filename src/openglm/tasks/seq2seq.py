@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from openglm import parallel
 from openglm.atomic import write_text_atomic
 from openglm.lora import LoRASettings
-from openglm.tasks.files import read_jsonl
+from openglm.tasks.files import find_split_file, read_jsonl, split_file_names
 from openglm.tasks.finetuning import finetune_generation
 from openglm.tasks.lm_eval import Sample, collate, default_mask_id, two_part_row
 
@@ -55,7 +55,7 @@ def read_pairs(
     """Source/target pairs from a jsonl file or from `{split}.source` / `{split}.target` line files.
 
     `path` is a jsonl file, or a directory holding `{split}.jsonl` or `{split}.source` + `{split}.target`
-    (one example per line). Multi-line jsonl sources (XSum documents) are joined with single spaces, as the
+    (one example per line; the dev split may also be called `val`, `valid` or `validation`). Multi-line jsonl sources (XSum documents) are joined with single spaces, as the
     official XSum reader joins the article's lines; no other normalisation is applied.
 
     Args:
@@ -69,17 +69,20 @@ def read_pairs(
     """
     path = Path(path)
     if path.is_dir():
-        src, tgt, jsonl = path / f"{split}.source", path / f"{split}.target", path / f"{split}.jsonl"
-        if jsonl.is_file():
+        jsonl, src = find_split_file(path, split, (".jsonl",)), find_split_file(path, split, (".source",))
+        tgt = src.with_suffix(".target") if src is not None else None
+        if jsonl is not None:
             path = jsonl
-        elif src.is_file() and tgt.is_file():
+        elif src is not None and tgt is not None and tgt.is_file():
             sources = src.read_text(encoding="utf-8").splitlines()
             targets = tgt.read_text(encoding="utf-8").splitlines()
             if len(sources) != len(targets):
                 raise ValueError(f"{src} has {len(sources)} lines but {tgt} has {len(targets)}")
             return [(s.strip(), t.strip()) for s, t in zip(sources, targets, strict=True)]
         else:
-            raise FileNotFoundError(f"{path}: no {split}.jsonl and no {split}.source/{split}.target")
+            raise FileNotFoundError(
+                f"{path}: no {split} file ({split_file_names(split, ('.jsonl',))}, or .source + .target pairs)"
+            )
     rows = read_jsonl(path)
     if not rows:
         raise ValueError(f"{path}: no examples")
