@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
+import shutil
 from functools import cache
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -128,7 +131,7 @@ def test_prepare_bad_input(tmp_path: Path, tok_dir: Path) -> None:
         )
     with pytest.raises(ValueError, match="no documents were read"):
         prepare_corpus(input=[str(empty)], tokenizer=str(tok_dir), out=str(tmp_path / "e"), workers=0)
-    assert not (tmp_path / "e" / "manifest.json").exists()
+    assert not (tmp_path / "e").exists()  # a failed prepare leaves no new (empty) folder
     with pytest.raises(ValueError, match="already holds"):
         prepare_corpus(input=[str(bad)], tokenizer=str(tok_dir), out=str(out), workers=0)
     with pytest.raises(FileNotFoundError, match="no such file"):
@@ -208,6 +211,282 @@ def test_prepare_gutenberg_full(tmp_path: Path, tok_dir: Path) -> None:
     root = require(shared_data_dir() / "corpora" / "gutenberg")
     summary = prepare_corpus(input=[str(root)], tokenizer=str(tok_dir), out=str(tmp_path / "g"), workers=2)
     assert summary["num_tokens"] > 2_000_000
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("bad", ["truncated_gz", "empty", "strict_json"])
+def test_failed_prepare_keeps_the_old_shards(tmp_path: Path, tok_dir: Path, bad: str) -> None:
+    """A failing `--overwrite true` run leaves the shards OUT had (they were deleted before tokenizing)."""
+    src = tmp_path / "good.txt"
+    src.write_text(TEXT, encoding="utf-8")
+    out = tmp_path / "out"
+    prepare_corpus(input=[str(src)], tokenizer=str(tok_dir), out=str(out), workers=0, progress=False)
+    before = _snapshot(out)
+    strict = False
+    if bad == "truncated_gz":
+        data = gzip.compress(("a line of text.\n" * 4000).encode())
+        (tmp_path / "in.txt.gz").write_bytes(data[: len(data) // 2])
+        inputs, match = [str(tmp_path / "in.txt.gz")], r"in\.txt\.gz: truncated gzip file"
+    elif bad == "empty":
+        (tmp_path / "in.txt").write_bytes(b"")
+        inputs, match = [str(tmp_path / "in.txt")], "no documents were read"
+    else:
+        (tmp_path / "in.jsonl").write_text('{"text": "fine."}\n{not json\n', encoding="utf-8")
+        inputs, match, strict = [str(tmp_path / "in.jsonl")], r"in\.jsonl:2: invalid JSON line", True
+    with pytest.raises(ValueError, match=match):
+        prepare_corpus(
+            input=inputs, tokenizer=str(tok_dir), out=str(out), overwrite=True, strict=strict, workers=2
+        )
+    assert _snapshot(out) == before
+    assert len(ShardedCorpus(out)) == 3
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging left
+    # Into a new nested folder: nothing is created at all.
+    with pytest.raises(ValueError, match=match):
+        prepare_corpus(
+            input=inputs, tokenizer=str(tok_dir), out=str(tmp_path / "new" / "deep"), strict=strict
+        )
+    assert not (tmp_path / "new").exists()
+
+
+def test_prepare_replaces_only_shard_files(tmp_path: Path, tok_dir: Path) -> None:
+    """Overwriting a folder that also holds the user's files (even the corpus) replaces the shards only,
+    stale extra shards of a bigger earlier run included."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me", encoding="utf-8")
+    src = out / "corpus.txt"
+    src.write_text(TEXT, encoding="utf-8")
+    prepare_corpus(input=[str(src)], tokenizer=str(tok_dir), out=str(out), workers=0, shard_tokens=3)
+    assert (out / "shard-00002.bin").exists()
+    with pytest.raises(ValueError, match="pass --overwrite true to replace it"):
+        prepare_corpus(input=[str(src)], tokenizer=str(tok_dir), out=str(out), workers=0)
+    prepare_corpus(input=[str(src)], tokenizer=str(tok_dir), out=str(out), workers=0, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "corpus.txt",
+        "manifest.json",
+        "notes.txt",
+        "shard-00000.bin",
+        "shard-00000.idx.npy",
+    ]
+    assert (out / "notes.txt").read_text(encoding="utf-8") == "keep me" and len(ShardedCorpus(out)) == 3
+
+
+def test_prepare_flag_errors(tmp_path: Path, tok_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    src = tmp_path / "c.txt"
+    src.write_text(TEXT, encoding="utf-8")
+    args = ["data", "prepare", "--input", str(src), "--tokenizer", str(tok_dir)]
+    with pytest.raises(SystemExit):
+        main([*args, "--out", str(tmp_path / "o"), "--workers", "-1"])
+    assert "--workers must be >= 0" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x", encoding="utf-8")
+    with pytest.raises(SystemExit):
+        main([*args, "--out", str(tmp_path / "afile")])
+    assert "afile: --out exists and is not a directory" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (b"plain text, not gzip\n", r"x\.txt\.gz: corrupt gzip file at its start"),
+        (
+            gzip.compress(b"".join(b"line %d\n" % i for i in range(3000)))[:2000],
+            r"x\.txt\.gz: truncated gzip file \(its data ends after line",
+        ),
+    ],
+    ids=["not_gzip", "truncated"],
+)
+def test_damaged_gzip_is_one_error_naming_the_file(
+    tmp_path: Path, tok_dir: Path, capsys: pytest.CaptureFixture, data: bytes, match: str
+) -> None:
+    (tmp_path / "x.txt.gz").write_bytes(data)
+    src, out = str(tmp_path / "x.txt.gz"), str(tmp_path / "o")
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "data",
+                "prepare",
+                "--input",
+                src,
+                "--tokenizer",
+                str(tok_dir),
+                "--out",
+                out,
+                "--progress",
+                "false",
+            ]
+        )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("openglm: error: ")
+    assert re.search(match, err[0])
+
+
+def test_unreadable_corpus_names_the_file(tmp_path: Path, tok_dir: Path) -> None:
+    """With every document skipped, the error says where the bad input is, not only how much."""
+    (tmp_path / "bin.txt.gz").write_bytes(gzip.compress(b"\xff\xfe\x00binary\n"))
+    with pytest.raises(ValueError, match=r"invalid UTF-8: 1 \(first at .*bin\.txt\.gz:1\)"):
+        prepare_corpus(input=[str(tmp_path / "bin.txt.gz")], tokenizer=str(tok_dir), out=str(tmp_path / "o"))
+
+
+def test_input_report_summary_names_where() -> None:
+    from openglm.corpus import InputReport
+
+    report = InputReport()
+    report.skip("invalid UTF-8", "a.txt:3", strict=False)
+    report.skip("invalid UTF-8", "b.txt:1", strict=False)
+    report.skipped["document with no tokens"] += 2  # counted after tokenizing: no file:line
+    assert report.summary() == "invalid UTF-8: 2 (first at a.txt:3), document with no tokens: 2"
+    assert InputReport().summary() == "no text found"
+
+
+# ------------------------------------------------------------------------------------------ shard checks
+
+
+@pytest.fixture(scope="module")
+def good_shards(tmp_path_factory: pytest.TempPathFactory, tok_dir: Path) -> Path:
+    src = tmp_path_factory.mktemp("corpus") / "c.txt"
+    src.write_text(TEXT, encoding="utf-8")
+    out = tmp_path_factory.mktemp("shards") / "s"
+    prepare_corpus(input=[str(src)], tokenizer=str(tok_dir), out=str(out), workers=0, progress=False)
+    return out
+
+
+def _edit_manifest(**changes):
+    def edit(folder: Path) -> None:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest.update(changes)
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+
+    return edit
+
+
+def _edit_shard(**changes):
+    def edit(folder: Path) -> None:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        for key, value in changes.items():
+            if value is None:
+                del manifest["shards"][0][key]
+            else:
+                manifest["shards"][0][key] = value
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+
+    return edit
+
+
+def _write(name: str, data: bytes):
+    return lambda folder: (folder / name).write_bytes(data)
+
+
+def _truncate(name: str, size: int):
+    return lambda folder: (folder / name).write_bytes((folder / name).read_bytes()[:size])
+
+
+@pytest.mark.parametrize(
+    ("damage", "error", "match"),
+    [
+        (
+            _truncate("shard-00000.bin", 10),
+            ValueError,
+            r"shard-00000\.bin: 10 bytes, but .*records \d+ uint16",
+        ),
+        (
+            _edit_manifest(dtype="float64"),
+            ValueError,
+            r"manifest\.json: dtype 'float64' is not one of uint16",
+        ),
+        (_edit_manifest(dtype="foo"), ValueError, r"dtype 'foo'"),
+        (_edit_manifest(dtype="uint32"), ValueError, r"shard-00000\.bin: \d+ bytes, but .* uint32 tokens"),
+        (_write("manifest.json", b"[]"), ValueError, r"manifest\.json: expected a JSON object, got list"),
+        (_write("manifest.json", b""), ValueError, r"manifest\.json: not a valid shard manifest \(Expecting"),
+        (_truncate("manifest.json", 60), ValueError, r"manifest\.json: not a valid shard manifest"),
+        (_edit_manifest(shards="x"), ValueError, r"manifest\.json: shards must be a non-empty list"),
+        (_edit_manifest(shards=[]), ValueError, r"manifest\.json: shards must be a non-empty list"),
+        (_edit_shard(index=None), ValueError, r"shards\[0\]\.index must be a file name inside"),
+        (_edit_shard(tokens="../s/shard-00000.bin"), ValueError, r"shards\[0\]\.tokens must be a file name"),
+        (_edit_shard(num_tokens=10**9), ValueError, r"num_tokens is \d+ but its shards hold 1000000000"),
+        (_edit_manifest(num_tokens="x"), ValueError, r"manifest\.json: num_tokens must be a whole number"),
+        (_edit_manifest(eos_id=99999), ValueError, r"eos_id 99999 is outside vocab_size"),
+        (_edit_manifest(vocab_size=70000), ValueError, r"vocab_size 70000 does not fit dtype uint16"),
+        (_write("shard-00000.idx.npy", b"garbage" * 20), ValueError, r"idx\.npy: not a readable \.npy array"),
+        (_truncate("shard-00000.idx.npy", 140), ValueError, r"idx\.npy: not a readable \.npy array"),
+        (lambda f: (f / "shard-00000.bin").unlink(), FileNotFoundError, r"shard-00000\.bin: no such file"),
+        (lambda f: (f / "shard-00000.idx.npy").unlink(), FileNotFoundError, r"idx\.npy: no such file"),
+    ],
+    ids=[
+        "bin_truncated",
+        "dtype_float64",
+        "dtype_foo",
+        "dtype_uint32",
+        "manifest_list",
+        "manifest_empty",
+        "manifest_truncated",
+        "shards_str",
+        "shards_empty",
+        "no_index_key",
+        "path_outside",
+        "shard_num_tokens",
+        "num_tokens_str",
+        "eos_outside_vocab",
+        "vocab_too_big_for_dtype",
+        "index_garbage",
+        "index_truncated",
+        "bin_missing",
+        "index_missing",
+    ],
+)
+def test_damaged_shards_fail_when_opened(tmp_path: Path, good_shards: Path, damage, error, match) -> None:
+    folder = tmp_path / "s"
+    shutil.copytree(good_shards, folder)
+    ShardedCorpus(folder)  # the copy is fine before the damage
+    damage(folder)
+    with pytest.raises(error, match=match) as caught:
+        ShardedCorpus(folder)
+    assert "\n" not in str(caught.value)
+
+
+def test_index_offsets_are_checked(tmp_path: Path, good_shards: Path) -> None:
+    folder = tmp_path / "s"
+    shutil.copytree(good_shards, folder)
+    offsets = np.load(folder / "shard-00000.idx.npy")
+    np.save(folder / "shard-00000.idx.npy", offsets[::-1].copy())
+    with pytest.raises(ValueError, match=r"idx\.npy: offsets must rise from 0 to num_tokens"):
+        ShardedCorpus(folder)
+    np.save(folder / "shard-00000.idx.npy", offsets[:-1])
+    with pytest.raises(ValueError, match=r"expected 4 integers \(num_docs \+ 1 document offsets"):
+        ShardedCorpus(folder)
+
+
+def test_check_tokenizer(good_shards: Path, tokenizer) -> None:
+    corpus = ShardedCorpus(good_shards)
+    corpus.check_tokenizer(tokenizer)
+    other = SimpleNamespace(vocab_size=2048, eos_id=tokenizer.eos_id, cls_id=tokenizer.cls_id)
+    with pytest.raises(
+        ValueError, match=rf"vocab_size {tokenizer.vocab_size} .* this tokenizer has vocab_size 2048"
+    ):
+        corpus.check_tokenizer(other)
+    other = SimpleNamespace(
+        vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id + 1, cls_id=tokenizer.cls_id
+    )
+    with pytest.raises(ValueError, match="eos_id"):
+        corpus.check_tokenizer(other)
+
+
+def test_corpus_too_small_for_one_sample(good_shards: Path, tokenizer) -> None:
+    """A corpus that cannot fill one sample gives batches whose blanks do not fit (no loss weight); say so up
+    front, naming the shards and the counts. Held-out sets may be that small."""
+    special = SpecialTokens.from_tokenizer(tokenizer)
+    corpus = ShardedCorpus(good_shards)
+    tokens = corpus.num_tokens
+    with pytest.raises(ValueError, match=rf"shards .*{good_shards.name}: {tokens} tokens in 3 document\(s\)"):
+        PretrainingBatches(corpus, special, seq_length=128, batch_size=2)
+    with pytest.raises(ValueError, match=r"\(a subset: 1 of its 3 documents\)"):
+        PretrainingBatches(corpus.subset([1]), special, seq_length=128, batch_size=2)
+    PretrainingBatches(corpus, special, seq_length=tokens + 6, batch_size=2)  # exactly one sample's worth
+    valid = validation_batches(corpus.subset([1]), special, seq_length=128, batch_size=2, num_batches=1)
+    assert set(valid) == {"token", "sentence", "document"}
 
 
 # ------------------------------------------------------------------------------------------ samples

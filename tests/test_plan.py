@@ -45,3 +45,17 @@ def test_estimates_move_the_right_way():
     assert estimate(cfg, "ddp", 8, 4, 512, precision="fp32").activations > base.activations
     with pytest.raises(ValueError, match="strategy"):
         estimate(cfg, "zero", 8, 4, 512)
+
+
+def test_bad_sizes_name_the_flag():
+    with pytest.raises(ValueError, match="seq_length=0 must be >= 1"):
+        plan("glm-base", seq_length=0)
+    with pytest.raises(ValueError, match="seq_length=100000 exceeds glm-base's max_sequence_length=512"):
+        plan("glm-base", seq_length=100000)
+    for memory in ("0GB", 0, "0"):
+        with pytest.raises(ValueError, match="gpu_memory=.* must be positive"):
+            plan("glm-base", gpu_memory=memory)
+    with pytest.raises(ValueError, match="micro_batch_size=0 must be >= 1"):
+        plan("glm-base", micro_batch_size=0)
+    text = plan("all", seq_length=1024)  # presets with shorter positions say so instead of failing all
+    assert "glm-base: skipped: seq_length=1024 exceeds" in text and "verdict: fits" in text

@@ -333,3 +333,99 @@ def test_a_small_glm_learns_to_fill_blanks_from_their_context():
             if accuracy >= 0.8:
                 break
     assert accuracy >= 0.8, f"first-token accuracy {accuracy:.2f} after {step + 1} steps"
+
+
+def _damage(path: Path, how: str) -> None:
+    if how == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif how == "empty":
+        path.write_bytes(b"")
+    else:
+        path.write_bytes(b"not a checkpoint" * 10)
+
+
+@pytest.mark.parametrize(
+    "name, how",
+    [
+        ("model.safetensors", "truncate"),
+        ("optimizer.pt", "empty"),
+        ("trainer.pt", "garbage"),
+        ("trainer.pt", "empty"),
+    ],
+)
+def test_a_damaged_checkpoint_fails_the_resume_in_one_line_naming_the_file(tmp_path, name, how):
+    from openglm.train.checkpoint import verify_checkpoint
+
+    source = SyntheticBatches(TINY.vocab_size, 24, 2, seed=9)
+    fit(_model(), source, _settings(max_steps=2), run_dir=tmp_path)
+    (checkpoint,) = checkpoint_dirs(tmp_path)
+    _damage(checkpoint / name, how)
+    metrics = (tmp_path / "metrics.jsonl").read_bytes()
+    for attempt in (
+        lambda: verify_checkpoint(checkpoint, TINY),
+        lambda: fit(_model(), source, _settings(max_steps=4), run_dir=tmp_path, resume=True),
+    ):
+        with pytest.raises(ValueError, match=f"{name}: damaged checkpoint file") as err:
+            attempt()
+        assert "\n" not in str(err.value)
+    assert (tmp_path / "metrics.jsonl").read_bytes() == metrics  # the failed resume changed nothing
+
+
+def test_resuming_with_another_architecture_says_which_field_differs(tmp_path):
+    from openglm.train.checkpoint import verify_checkpoint
+
+    source = SyntheticBatches(TINY.vocab_size, 24, 2, seed=9)
+    fit(_model(), source, _settings(max_steps=2), run_dir=tmp_path)
+    wider = TINY.replace(hidden_size=64)
+    with pytest.raises(ValueError, match=r"architecture differs .*hidden_size 32 vs 64") as err:
+        fit(_model(config=wider), source, _settings(max_steps=4), run_dir=tmp_path, resume=True)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="hidden_size 32 vs 64"):
+        verify_checkpoint(checkpoint_dirs(tmp_path)[0], wider)
+    verify_checkpoint(checkpoint_dirs(tmp_path)[0], TINY.replace(output_dropout_prob=0.0))  # run-time knob
+
+
+def test_keep_last_never_deletes_the_checkpoint_just_written(tmp_path):
+    source = SyntheticBatches(TINY.vocab_size, 24, 2, seed=9)
+    fit(_model(), source, _settings(max_steps=4, save_every=2), run_dir=tmp_path)
+    # A new run in the same folder: its step-1 sorts before the old step-2 and step-4.
+    result = fit(_model(), source, _settings(max_steps=1, keep_last=2), run_dir=tmp_path)
+    assert result.checkpoint.name == "step-00000001" and (result.checkpoint / "config.json").is_file()
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-00000001", "step-00000004"]
+
+
+def test_resume_drops_a_torn_last_metrics_line_and_names_a_bad_one(tmp_path):
+    source = SyntheticBatches(TINY.vocab_size, 24, 2, seed=9)
+    fit(_model(), source, _settings(max_steps=2), run_dir=tmp_path)
+    metrics = tmp_path / "metrics.jsonl"
+    good = metrics.read_text()
+    metrics.write_text(good + '{"step": 3, "lo')  # killed while writing step 3's line
+    fit(_model(), source, _settings(max_steps=3), run_dir=tmp_path, resume=True)
+    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == [1, 2, 3]
+    metrics.write_text("[1]\n" + good)
+    with pytest.raises(ValueError, match=r"metrics.jsonl:1: not a metrics row"):
+        fit(_model(), source, _settings(max_steps=4), run_dir=tmp_path, resume=True)
+    assert metrics.read_text() == "[1]\n" + good
+
+
+def test_an_empty_loss_mask_suggests_the_corpus_is_too_small():
+    batch = dict(SyntheticBatches(TINY.vocab_size, 24, 2, seed=1).batch(0))
+    batch["loss_mask"] = torch.zeros_like(batch["loss_mask"])
+    with pytest.raises(ValueError, match="step 0: .*corpus too small.*sequence length"):
+        fit(_model(), [batch], _settings(max_steps=1))
+
+
+def test_eval_every_zero_validates_only_at_the_end_as_documented():
+    calls = []
+
+    def eval_fn(model):
+        calls.append(1)
+        return {"val_loss": 1.0}
+
+    source = SyntheticBatches(TINY.vocab_size, 24, 2, seed=1)
+    fit(_model(), source, _settings(max_steps=3, eval_every=0), eval_fn=eval_fn)
+    assert len(calls) == 1
+    fit(_model(), source, _settings(max_steps=3, eval_every=2), eval_fn=eval_fn)
+    assert len(calls) == 3  # step 2 and the end
+    doc = " ".join(TrainSettings.__doc__.split())
+    assert "so 0 means only at the end" in doc and "0 disables it" not in doc

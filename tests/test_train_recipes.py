@@ -84,6 +84,13 @@ def test_tiny_recipe_runs_on_real_shards_and_plots(tmp_path):
     from openglm.tokenizer import GLMTokenizer
 
     assert GLMTokenizer.from_pretrained(model_dir).vocab_size == 384
+    other = train_tokenizer([str(corpus)], 280, str(tmp_path / "other-tok"), progress=False)
+    wrong = overrides + ["--data.tokenizer", other, "--out_dir", str(tmp_path / "run2")]
+    with pytest.raises(
+        ValueError,
+        match="shards were prepared with a tokenizer of .*; use the tokenizer the shards were made with",
+    ):
+        pretrain(**recipe_arguments(ROOT / "configs/pretrain/tiny.yaml", wrong))
     pytest.importorskip("matplotlib")
     from openglm.train.plot import plot
 
@@ -119,3 +126,129 @@ def test_pretraining_mixes_in_multi_task_examples(tmp_path, caplog):
         DataSettings(path="x", multi_task_ratio=0.1)
     with pytest.raises(ValueError, match="data.multi_task_ratio=2.0 must be in"):
         DataSettings(path="x", multi_task=[task], multi_task_ratio=2.0)
+
+
+def _synthetic_run(out_dir: Path, resume: bool = False, **overrides) -> dict:
+    train = TrainSettings(max_steps=2, micro_batch_size=2, progress=False, tensorboard=False, device="cpu")
+    return pretrain(
+        model="tiny",
+        data=DataSettings(synthetic=True, seq_length=32, valid_batches=0),
+        train=train,
+        out_dir=str(out_dir),
+        model_overrides=overrides or None,
+        resume=resume,
+    )
+
+
+def test_a_fresh_run_never_overwrites_a_run_folder(tmp_path):
+    run = tmp_path / "run"
+    _synthetic_run(run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=r"out_dir=.*already holds a run .*--resume true.*another --out_dir"):
+        _synthetic_run(run)
+    # A resume that cannot go on (another architecture) leaves the folder as it was too.
+    with pytest.raises(ValueError, match="hidden_size 64 vs 128"):
+        _synthetic_run(run, resume=True, hidden_size=128)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert _synthetic_run(run, resume=True)["step"] == 2
+    (tmp_path / "afile").write_text("keep")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with pytest.raises(ValueError, match="not a directory"):
+            _synthetic_run(out)
+    assert (tmp_path / "afile").read_text() == "keep"
+
+
+def test_recipes_resolve_from_any_working_directory(tmp_path, monkeypatch):
+    from openglm.train.demo import DEFAULT_RECIPE, resolve_recipe
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_recipe(DEFAULT_RECIPE) == ROOT / DEFAULT_RECIPE
+    assert recipe_arguments(DEFAULT_RECIPE)["train"].max_steps > 0
+    (tmp_path / "configs" / "pretrain").mkdir(parents=True)
+    (tmp_path / DEFAULT_RECIPE).write_text("train:\n  max_steps: 7\n")
+    assert recipe_arguments(DEFAULT_RECIPE)["train"].max_steps == 7  # the working directory comes first
+    with pytest.raises(FileNotFoundError, match="nosuch.yaml: recipe not found"):
+        resolve_recipe("nosuch.yaml")
+
+
+_DEMO_RECIPE = """\
+model: tiny
+data: {seq_length: 32, valid_fraction: 0.1, valid_batches: 1}
+train: {max_steps: 2, micro_batch_size: 2, progress: false, tensorboard: false, device: cpu}
+"""
+
+
+def test_demo_checks_its_inputs_before_any_work(tmp_path):
+    from openglm.train.demo import demo
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(_TEXT)
+    out = tmp_path / "out"
+    for kwargs, error, match in [
+        ({"recipe": "nosuch.yaml"}, FileNotFoundError, "recipe not found"),
+        ({"max_steps": 0}, ValueError, "train.max_steps=0"),
+        ({"corpus": str(tmp_path / "missing.txt")}, FileNotFoundError, "corpus=.*missing.txt"),
+    ]:
+        with pytest.raises(error, match=match):
+            demo(**{"corpus": str(corpus), "out_dir": str(out), **kwargs})
+        assert not out.exists()
+    (tmp_path / "afile").write_text("keep")
+    with pytest.raises(ValueError, match="not a directory"):
+        demo(corpus=str(corpus), out_dir=str(tmp_path / "afile"))
+    mine = tmp_path / "mine"
+    (mine / "run").mkdir(parents=True)
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match="not empty and was not made by `openglm demo`"):
+        demo(corpus=str(corpus), out_dir=str(mine))
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt", "run"]
+
+
+def test_demo_rebuilds_its_own_folder_and_keeps_it_when_a_rerun_fails(tmp_path):
+    from openglm.train.demo import DEMO_MARKER, demo
+
+    recipe = tmp_path / "demo.yaml"
+    recipe.write_text(_DEMO_RECIPE)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(_TEXT * (i % 3 + 1) for i in range(40)))
+    out = tmp_path / "demo"
+    kwargs = {"out_dir": str(out), "recipe": str(recipe), "vocab_size": 300, "prompts": ["A [MASK] in time."]}
+    assert "held-out infilling loss" in demo(corpus=str(corpus), **kwargs)
+    assert (out / DEMO_MARKER).is_file()
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("Too short.\n\nAlso short.\n")
+    with pytest.raises(ValueError):
+        demo(corpus=str(tiny), **kwargs)
+    assert {
+        p: p.read_bytes() for p in out.rglob("*") if p.is_file()
+    } == files  # model and tokenizer still match
+    assert "held-out infilling loss" in demo(corpus=str(corpus), **kwargs)  # a plain rerun rebuilds
+    assert sorted(p.name for p in out.iterdir()) == sorted([DEMO_MARKER, "run", "shards", "tokenizer"])
+
+
+def _metrics_run(tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": s, "loss": 5.0 - s / 10, "lr": 1e-3} for s in range(1, 30)]
+    lines = [json.dumps(r) for r in rows] + ['{"step": 30, "loss": NaN}', "[1]", '{"loss": 1.0}', "{torn"]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return run
+
+
+def test_plot_skips_malformed_rows_and_leaves_no_temporary(tmp_path, caplog):
+    pytest.importorskip("matplotlib")
+    from openglm.train.plot import plot
+
+    run = _metrics_run(tmp_path)
+    target = tmp_path / "figures"
+    target.mkdir()
+    with caplog.at_level("WARNING", logger="openglm.train.plot"):
+        png = Path(plot(str(run), out=str(target)))
+    assert png == target / "curves.png" and png.read_bytes()[:4] == b"\x89PNG"
+    assert "skipped 3 malformed line(s) (line 31, 32, 33)" in caplog.text
+    with pytest.raises(ValueError, match="unknown image type '.txt'"):
+        plot(str(run), out=str(tmp_path / "x.txt"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        plot(str(run), out=str(tmp_path / "nodir" / "x.png"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figures", "run"]
+    assert sorted(p.name for p in target.iterdir()) == ["curves.png"]

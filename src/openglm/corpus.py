@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import os
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,18 +75,44 @@ class InputReport:
     documents: int = 0
     skipped: collections.Counter = field(default_factory=collections.Counter)
     examples: list[str] = field(default_factory=list)
+    first: dict[str, str] = field(default_factory=dict)  # kind -> where it was first seen
 
     def skip(self, kind: str, where: str, strict: bool) -> None:
         if strict:
             raise ValueError(f"{where}: {kind}")
         self.skipped[kind] += 1
+        self.first.setdefault(kind, where)
         if len(self.examples) < 10:
             self.examples.append(f"{where}: {kind}")
         log.debug("skipped %s: %s", where, kind)
 
+    def summary(self) -> str:
+        """What was skipped, each kind with a count and where it was first seen (or "no text found")."""
+        parts = [
+            f"{kind}: {count}" + (f" (first at {self.first[kind]})" if kind in self.first else "")
+            for kind, count in self.skipped.items()
+        ]
+        return ", ".join(parts) or "no text found"
+
 
 def open_binary(path: Path) -> io.BufferedIOBase:
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # noqa: SIM115
+
+
+def _read_lines(handle: io.BufferedIOBase, path: Path) -> Iterator[bytes]:
+    """The raw lines of `handle`; a damaged .gz becomes one ValueError naming the file (gzip raises
+    BadGzipFile, EOFError or zlib.error, whose messages say nothing of which input it was)."""
+    number = 0
+    try:
+        for raw in handle:
+            number += 1
+            yield raw
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        if isinstance(err, EOFError):
+            problem = f"truncated gzip file (its data ends after line {number})"
+        else:
+            problem = f"corrupt gzip file {f'after line {number}' if number else 'at its start'} ({err})"
+        raise ValueError(f"{path}: {problem}; recompress or remove it") from None
 
 
 def is_jsonl(path: Path) -> bool:
@@ -120,7 +147,7 @@ def iter_documents(
         bad_doc = False
         lines: list[str] = []
         with open_binary(path) as handle:
-            for number, raw in enumerate(handle, 1):
+            for number, raw in enumerate(_read_lines(handle, path), 1):
                 where = f"{path}:{number}"
                 try:
                     line = raw.decode("utf-8")

@@ -181,6 +181,9 @@ class PretrainingBatches(IterableDataset):
             labelled examples rendered by their pattern with the answer filled in, `tasks.multi_task_samples`).
         multi_task_ratio: the probability that a step's batch is drawn from `multi_task` instead of the
             corpus (the same draw on every rank); such a batch goes through the same objective.
+        require_full_sample: refuse a corpus whose documents (with [CLS] and eos each) cannot fill one
+            sample of `seq_length`. Samples from such a corpus repeat its few documents, whose blanks
+            mostly do not fit, so training would get empty batches; held-out sets may be smaller.
     """
 
     def __init__(
@@ -199,6 +202,7 @@ class PretrainingBatches(IterableDataset):
         pad_id: int = 0,
         multi_task: Sequence[np.ndarray] = (),
         multi_task_ratio: float = 0.0,
+        require_full_sample: bool = True,
     ) -> None:
         super().__init__()
         if not 0 <= rank < world_size:
@@ -209,6 +213,8 @@ class PretrainingBatches(IterableDataset):
             raise ValueError(f"multi_task_ratio must be in [0, 1], got {multi_task_ratio}")
         if multi_task_ratio > 0 and not multi_task:
             raise ValueError("multi_task_ratio > 0 needs multi-task examples")
+        if require_full_sample and multi_task_ratio < 1.0:
+            _check_fills_a_sample(corpus, seq_length)
         self.objective = BlankInfilling(objective or ObjectiveConfig(), special)
         self.assembler = SampleAssembler(corpus, special, seq_length, seed)
         self.seq_length = seq_length
@@ -297,6 +303,28 @@ class PretrainingBatches(IterableDataset):
         self.next_step = int(state["step"])
 
 
+def _check_fills_a_sample(corpus: Corpus, seq_length: int) -> None:
+    lengths = np.asarray(corpus.doc_lengths, dtype=np.int64)
+    tokens, docs = int(lengths.sum()), int(lengths.shape[0])
+    if tokens + 2 * docs >= seq_length:
+        return
+    raise ValueError(
+        f"{_describe(corpus)}: {tokens} tokens in {docs} document(s) ({tokens + 2 * docs} with [CLS] and eos) "
+        f"cannot fill one sample of seq_length {seq_length}; add text or lower seq_length"
+    )
+
+
+def _describe(corpus: Any) -> str:
+    """Where a corpus comes from, for error messages: its shard folder, or the part of one it is."""
+    path = getattr(corpus, "path", None)
+    if path is not None:
+        return f"shards {path}"
+    parent = getattr(corpus, "corpus", None)
+    if getattr(parent, "path", None) is not None:
+        return f"shards {parent.path} (a subset: {len(corpus)} of its {len(parent)} documents)"
+    return "the corpus"
+
+
 @functools.lru_cache(maxsize=4)
 def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, _MULTI_TASK_SALT, epoch]).permutation(n)
@@ -345,6 +373,7 @@ def validation_batches(
             seq_length=seq_length,
             batch_size=batch_size,
             seed=seed * 1000 + _VALID_SALT + k,
+            require_full_sample=False,
         )
         out[mode] = [data.batch(step) for step in range(num_batches)]
     return out

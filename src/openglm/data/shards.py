@@ -9,11 +9,15 @@ document objective honour (C.6) and token/sentence rows ignore, as officially.""
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import json
 import logging
 import multiprocessing
 import os
+import re
+import secrets
+import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -57,34 +61,53 @@ class InMemoryCorpus:
 
 class ShardedCorpus:
     """Read-only view of a shard directory; cheap to pickle into DataLoader workers and many ranks
-    (the token files are memory-mapped lazily in each process)."""
+    (the token files are memory-mapped lazily in each process).
+
+    Opening checks the manifest against what `openglm data prepare` writes and against the files it names
+    (types, dtype, every token file's size, every index), so damaged shards fail here with one line naming
+    the file, instead of training on garbage or failing deep inside the model."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         manifest_path = self.path / MANIFEST
-        if not manifest_path.is_file():
-            raise FileNotFoundError(f"{manifest_path}: no shard manifest (run `openglm data prepare` first)")
-        self.manifest = json.loads(manifest_path.read_text())
-        if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{manifest_path}: format_version {self.manifest.get('format_version')} is not {FORMAT_VERSION}"
-            )
+        self.manifest = _read_manifest(manifest_path)
         self.dtype = np.dtype(self.manifest["dtype"])
-        self._offsets = [np.load(self.path / s["index"]) for s in self.manifest["shards"]]
-        self.doc_lengths = (
-            np.concatenate([np.diff(o) for o in self._offsets]).astype(np.int64)
-            if self._offsets
-            else np.zeros(0, dtype=np.int64)
-        )
+        shards = self.manifest["shards"]
+        self._offsets = [
+            _load_index(self.path, manifest_path, i, s, self.dtype) for i, s in enumerate(shards)
+        ]
+        self.doc_lengths = np.concatenate([np.diff(o) for o in self._offsets]).astype(np.int64)
         self._first_doc = np.cumsum([0] + [len(o) - 1 for o in self._offsets])
         self._maps: list[np.memmap | None] = [None] * len(self._offsets)
         prompts = [
-            np.load(self.path / s["prompt"]) if "prompt" in s else np.zeros(len(o) - 1, dtype=np.int32)
-            for s, o in zip(self.manifest["shards"], self._offsets, strict=True)
+            _load_array(
+                self.path / s["prompt"],
+                f"{manifest_path}: shards[{i}].prompt",
+                s["num_docs"],
+                "prompt lengths",
+            )
+            if "prompt" in s
+            else np.zeros(s["num_docs"], dtype=np.int32)
+            for i, s in enumerate(shards)
         ]
-        self.prompt_lengths = _prompt_lengths(
-            np.concatenate(prompts) if prompts else None, self.doc_lengths, manifest_path
-        )
+        self.prompt_lengths = _prompt_lengths(np.concatenate(prompts), self.doc_lengths, manifest_path)
+
+    def check_tokenizer(self, tokenizer: Any) -> None:
+        """Raise ValueError (one line) unless `tokenizer` matches the one these shards were prepared with, as
+        far as the manifest records it: vocab_size, eos_id and cls_id. Token ids from another vocabulary
+        would train silently on the wrong embeddings (or index past the embedding table)."""
+        recorded = self.manifest.get("tokenizer") or "unknown"
+        for key in ("vocab_size", "eos_id", "cls_id"):
+            want = self.manifest.get(key)
+            have = getattr(tokenizer, key, None)
+            if want is None or have is None or (key == "vocab_size" and want == 0):
+                continue  # not recorded (or not known for this tokenizer): nothing to compare
+            if int(have) != want:
+                raise ValueError(
+                    f"{self.path / MANIFEST}: the shards were prepared with a tokenizer of {key} {want} "
+                    f"({recorded}), but this tokenizer has {key} {int(have)}; use the tokenizer the shards "
+                    "were made with or prepare them again"
+                )
 
     @property
     def num_tokens(self) -> int:
@@ -159,6 +182,117 @@ def _prompt_lengths(lengths: Any, doc_lengths: np.ndarray, where: object = "prom
             f"{where}: document {i} has prompt length {int(lengths[i])} but {int(doc_lengths[i])} tokens"
         )
     return lengths
+
+
+# The dtypes `prepare_corpus` writes: uint16 when the vocabulary fits, else uint32.
+SHARD_DTYPES = ("uint16", "uint32")
+
+
+def _read_manifest(manifest_path: Path) -> dict[str, Any]:
+    """The parsed manifest, checked field by field (one-line errors naming the file and field)."""
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path}: no shard manifest (run `openglm data prepare` first)")
+    try:
+        manifest = json.loads(manifest_path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"{manifest_path}: not a valid shard manifest ({err}); run `openglm data prepare` again"
+        ) from None
+    where = str(manifest_path)
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(manifest).__name__}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{where}: format_version {manifest.get('format_version')} is not {FORMAT_VERSION}")
+    dtype = manifest.get("dtype")
+    if dtype not in SHARD_DTYPES:
+        raise ValueError(f"{where}: dtype {dtype!r} is not one of {', '.join(SHARD_DTYPES)}")
+    for key in ("num_docs", "num_tokens"):
+        _count(manifest, key, f"{where}: ")
+    vocab = manifest.get("vocab_size")
+    if vocab is not None:
+        _count(manifest, "vocab_size", f"{where}: ")
+        if vocab > np.iinfo(dtype).max + 1:
+            raise ValueError(f"{where}: vocab_size {vocab} does not fit dtype {dtype}")
+    for key in ("eos_id", "cls_id"):
+        if manifest.get(key) is not None:
+            _count(manifest, key, f"{where}: ")
+            if vocab and manifest[key] >= vocab:
+                raise ValueError(f"{where}: {key} {manifest[key]} is outside vocab_size {vocab}")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not shards:
+        raise ValueError(f"{where}: shards must be a non-empty list of shard entries, got {shards!r:.60}")
+    for i, shard in enumerate(shards):
+        at = f"{where}: shards[{i}]"
+        if not isinstance(shard, dict):
+            raise ValueError(f"{at} must be an object, got {shard!r:.60}")
+        for key in ("tokens", "index") + (("prompt",) if "prompt" in shard else ()):
+            name = shard.get(key)
+            # Only plain names: a manifest must not make the reader open files outside its folder.
+            if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+                raise ValueError(
+                    f"{at}.{key} must be a file name inside {manifest_path.parent}, got {name!r}"
+                )
+        _count(shard, "num_docs", f"{at}.")
+        _count(shard, "num_tokens", f"{at}.")
+    for key in ("num_docs", "num_tokens"):
+        total = sum(shard[key] for shard in shards)
+        if manifest[key] != total:
+            raise ValueError(f"{where}: {key} is {manifest[key]} but its shards hold {total}")
+    return manifest
+
+
+def _count(record: dict[str, Any], key: str, prefix: str) -> None:
+    value = record.get(key)
+    # bool is an int in Python, but `true` is never a count.
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{prefix}{key} must be a whole number >= 0, got {value!r}")
+
+
+def _load_array(path: Path, field: str, count: int, expect: str) -> np.ndarray:
+    """`count` integers from the .npy file named by manifest `field`, or a one-line error naming the file.
+    Pickles are refused: a manifest folder is data, and loading one must not run code."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (named by {field})")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError):
+        # numpy's own messages (pickle advice, byte counts) do not help here: the file is simply damaged.
+        raise ValueError(
+            f"{path}: not a readable .npy array (named by {field}); it is damaged or truncated, "
+            "run `openglm data prepare` again"
+        ) from None
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "iu" or array.shape != (count,):
+        found = (
+            f"{array.dtype} of shape {array.shape}" if isinstance(array, np.ndarray) else type(array).__name__
+        )
+        raise ValueError(f"{path}: expected {count} integers ({expect}, named by {field}), found {found}")
+    return array
+
+
+def _load_index(
+    folder: Path, manifest_path: Path, i: int, shard: dict[str, Any], dtype: np.dtype
+) -> np.ndarray:
+    """Shard `i`'s document offsets, checked against its manifest entry and its token file's size."""
+    at = f"{manifest_path}: shards[{i}]"
+    docs, tokens = shard["num_docs"], shard["num_tokens"]
+    token_file = folder / shard["tokens"]
+    if tokens > 0 or token_file.exists():
+        if not token_file.is_file():
+            raise FileNotFoundError(f"{token_file}: no such file (named by {at}.tokens)")
+        size = token_file.stat().st_size
+        if size != tokens * dtype.itemsize:
+            raise ValueError(
+                f"{token_file}: {size} bytes, but {at} records {tokens} {dtype.name} tokens "
+                f"({tokens * dtype.itemsize} bytes); the file is truncated or the manifest is wrong"
+            )
+    offsets = _load_array(folder / shard["index"], f"{at}.index", docs + 1, "num_docs + 1 document offsets")
+    offsets = offsets.astype(np.int64)
+    if offsets[0] != 0 or offsets[-1] != tokens or np.any(np.diff(offsets) < 0):
+        raise ValueError(
+            f"{folder / shard['index']}: offsets must rise from 0 to num_tokens {tokens} ({at}), "
+            f"found {int(offsets[0])} .. {int(offsets[-1])}"
+        )
+    return offsets
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -329,7 +463,8 @@ def prepare_corpus(
         standardize_punctuation: map curly quotes and dashes to ASCII (as the official corpus readers do).
         strict: stop at the first bad input (invalid UTF-8, invalid JSON, missing field, empty file)
             instead of skipping and counting it.
-        overwrite: replace an existing shard directory.
+        overwrite: replace the shards OUT already holds (its other files are kept). The new shards are
+            built beside OUT and moved in only when complete, so a failed run leaves the old ones.
         progress: show a progress bar.
 
     `input`, `tokenizer` and `out` are required; they have defaults only so that the command line takes them
@@ -339,27 +474,28 @@ def prepare_corpus(
         A summary: out, num_docs, num_tokens, dtype, shards, skipped (counts per kind of bad input). The
         full manifest is OUT/manifest.json (`ShardedCorpus(out).manifest`).
     """
-    from tqdm import tqdm
-
     for name, value in (("input", input), ("tokenizer", tokenizer), ("out", out)):
         if value is None or (isinstance(value, list) and not value):
             raise ValueError(f"data prepare: --{name} is required")
     out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir}: --out exists and is not a directory")
     if (out_dir / MANIFEST).exists() and not overwrite:
-        raise ValueError(f"{out_dir}: already holds a shard manifest (pass --overwrite to replace it)")
+        raise ValueError(f"{out_dir}: already holds a shard manifest (pass --overwrite true to replace it)")
     if not Path(tokenizer).exists():
         raise FileNotFoundError(f"{tokenizer}: no such tokenizer directory")
     if shard_tokens < 1:
-        raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
+        raise ValueError(f"data prepare: --shard_tokens must be >= 1, got {shard_tokens}")
+    if workers is not None and workers < 0:
+        raise ValueError(
+            f"data prepare: --workers must be >= 0 (0 = tokenize in this process), got {workers}"
+        )
+    if text_format not in ("paragraphs", "lines"):
+        raise ValueError(f"data prepare: --text_format must be paragraphs or lines, got {text_format!r}")
     files = corpus_files([input] if isinstance(input, str) else input, pattern)
     tok = _load_tokenizer(str(tokenizer))
     vocab = int(getattr(tok, "vocab_size", 0) or 0)
     dtype = np.dtype(np.uint16) if 0 < vocab <= 1 << 16 else np.dtype(np.uint32)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        for old in list(out_dir.glob("shard-*")) + [out_dir / MANIFEST]:
-            if old.exists():
-                old.unlink()
     meta = {
         "tokenizer": str(Path(tokenizer).resolve()),
         "vocab_size": vocab,
@@ -371,53 +507,49 @@ def prepare_corpus(
         "prompt_field": prompt_field,
         "standardize_punctuation": standardize_punctuation,
     }
-    report = InputReport()
-    writer = ShardWriter(out_dir, dtype, shard_tokens, meta, prompts=prompt_field is not None)
     if workers is None:
         workers = min(8, os.cpu_count() or 1)
-    docs = iter_documents(files, report, text_format, jsonl_field, strict, prompt_field)
-    chunks = _chunks(docs, max_docs=256, max_chars=1 << 20)
-    bar = tqdm(total=None, unit="doc", desc="tokenizing", disable=not progress, mininterval=2.0)
-    empty_docs = 0
+    # Shards are built in a fresh folder beside OUT and moved in only once complete, so a failure (bad
+    # input, Ctrl-C, a full disk) leaves the shards OUT had, and no new folder.
+    target = out_dir.resolve()
+    created = _missing_parents(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    staging.mkdir()
     try:
-        if workers == 0:
-            global _WORKER_TOKENIZER
-            _WORKER_TOKENIZER = tok
-            results: Iterator[list[tuple[np.ndarray, int]]] = (
-                _encode_chunk(c, standardize_punctuation) for c in chunks
-            )
-            for encoded in results:
-                empty_docs += _write_chunk(writer, encoded, vocab, bar)
-        else:
-            ctx = multiprocessing.get_context("spawn" if os.name == "nt" else "fork")
-            with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer),)) as pool:
-                # A bounded window of chunks in flight keeps memory flat however large the corpus.
-                pending: collections.deque = collections.deque()
-                for chunk in chunks:
-                    pending.append(pool.apply_async(_encode_chunk, (chunk, standardize_punctuation)))
-                    if len(pending) >= 2 * workers:
-                        empty_docs += _write_chunk(writer, pending.popleft().get(), vocab, bar)
-                while pending:
-                    empty_docs += _write_chunk(writer, pending.popleft().get(), vocab, bar)
-    except BaseException:
-        writer.abort()
-        bar.close()
-        raise
-    bar.close()
-    if empty_docs:
-        report.skipped["document with no tokens"] += empty_docs
-    writer.meta["skipped"] = dict(report.skipped)
-    writer.meta["skipped_examples"] = report.examples
-    writer.meta["files"] = report.files
-    if writer.num_docs == 0:
-        writer.abort()
-        detail = ", ".join(f"{k}: {v}" for k, v in report.skipped.items()) or "no text found"
-        raise ValueError(f"no documents were read from {len(files)} input file(s) ({detail})")
-    manifest = writer.close()
-    for kind, count in report.skipped.items():
-        log.warning(
-            "skipped %d x %s (e.g. %s)", count, kind, next((e for e in report.examples if kind in e), "-")
+        report = InputReport()
+        writer = ShardWriter(staging, dtype, shard_tokens, meta, prompts=prompt_field is not None)
+        _tokenize(
+            files,
+            report,
+            writer,
+            tok,
+            str(tokenizer),
+            vocab,
+            workers,
+            progress,
+            text_format,
+            jsonl_field,
+            strict,
+            prompt_field,
+            standardize_punctuation,
         )
+        writer.meta["skipped"] = dict(report.skipped)
+        writer.meta["skipped_examples"] = report.examples
+        writer.meta["files"] = report.files
+        if writer.num_docs == 0:
+            raise ValueError(f"no documents were read from {len(files)} input file(s) ({report.summary()})")
+        manifest = writer.close()
+        _install(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for folder in created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    for kind, count in report.skipped.items():
+        first = f" (first at {report.first[kind]})" if kind in report.first else ""
+        log.warning("skipped %d x %s%s", count, kind, first)
     log.info(
         "wrote %d documents, %d tokens (%s) in %d shard(s) to %s",
         manifest["num_docs"],
@@ -434,6 +566,94 @@ def prepare_corpus(
         "shards": len(manifest["shards"]),
         "skipped": manifest["skipped"],
     }
+
+
+def _tokenize(
+    files: list[Path],
+    report: InputReport,
+    writer: ShardWriter,
+    tok: Any,
+    tokenizer: str,
+    vocab: int,
+    workers: int,
+    progress: bool,
+    text_format: Literal["paragraphs", "lines"],
+    jsonl_field: str,
+    strict: bool,
+    prompt_field: str | None,
+    standardize_punctuation: bool,
+) -> None:
+    """Stream the documents of `files` through the tokenizer (in `workers` processes) into `writer`."""
+    from tqdm import tqdm
+
+    docs = iter_documents(files, report, text_format, jsonl_field, strict, prompt_field)
+    chunks = _chunks(docs, max_docs=256, max_chars=1 << 20)
+    empty_docs = 0
+    with tqdm(total=None, unit="doc", desc="tokenizing", disable=not progress, mininterval=2.0) as bar:
+        if workers == 0:
+            global _WORKER_TOKENIZER
+            _WORKER_TOKENIZER = tok
+            for chunk in chunks:
+                empty_docs += _write_chunk(writer, _encode_chunk(chunk, standardize_punctuation), vocab, bar)
+        else:
+            ctx = multiprocessing.get_context("spawn" if os.name == "nt" else "fork")
+            with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
+                # A bounded window of chunks in flight keeps memory flat however large the corpus.
+                pending: collections.deque = collections.deque()
+                for chunk in chunks:
+                    pending.append(pool.apply_async(_encode_chunk, (chunk, standardize_punctuation)))
+                    if len(pending) >= 2 * workers:
+                        empty_docs += _write_chunk(writer, pending.popleft().get(), vocab, bar)
+                while pending:
+                    empty_docs += _write_chunk(writer, pending.popleft().get(), vocab, bar)
+    if empty_docs:
+        report.skipped["document with no tokens"] += empty_docs
+
+
+def _missing_parents(folder: Path) -> list[Path]:
+    """The ancestors of `folder` that do not exist yet, deepest first (to remove again after a failure)."""
+    missing = []
+    for parent in folder.parents:
+        if parent.exists():
+            break
+        missing.append(parent)
+    return missing
+
+
+def _is_shard_file(name: str) -> bool:
+    return name == MANIFEST or re.fullmatch(r"shard-\d+\.(bin|idx\.npy|prompt\.npy)", name) is not None
+
+
+def _install(staging: Path, out_dir: Path) -> None:
+    """Move complete shards from `staging` to `out_dir`, replacing the shards it held.
+
+    A new folder is one rename. Into an existing folder (which may hold the user's other files, even the
+    corpus itself) the old shard files move aside first, manifest first, so no reader ever sees a manifest
+    over a mix of old and new shards; the new files go in manifest last; the old ones are deleted only then.
+    A crash in between leaves every old and new file on disk, in OUT or in the hidden folders beside it."""
+    if not out_dir.exists():
+        os.replace(staging, out_dir)
+        return
+    backup = staging.with_suffix(".old")
+    backup.mkdir()
+    old = sorted((p for p in out_dir.iterdir() if _is_shard_file(p.name)), key=lambda p: p.name != MANIFEST)
+    new = sorted(staging.iterdir(), key=lambda p: p.name == MANIFEST)
+    moved_in: list[Path] = []
+    try:
+        for path in old:
+            os.replace(path, backup / path.name)
+        for path in new:
+            os.replace(path, out_dir / path.name)
+            moved_in.append(out_dir / path.name)
+    except BaseException:
+        for path in moved_in:
+            path.unlink(missing_ok=True)
+        for path in sorted(backup.iterdir(), key=lambda p: p.name == MANIFEST):
+            os.replace(path, out_dir / path.name)
+        backup.rmdir()
+        raise
+    staging.rmdir()
+    shutil.rmtree(backup)
 
 
 def _write_chunk(writer: ShardWriter, encoded: list[tuple[np.ndarray, int]], vocab: int, bar: Any) -> int:

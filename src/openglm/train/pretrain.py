@@ -19,7 +19,8 @@ from openglm.atomic import write_text_atomic
 from openglm.blank_infilling import ObjectiveConfig
 from openglm.config import GLMConfig, pad_vocab_size
 from openglm.model import GLMModel
-from openglm.train.loop import evaluate_loss, fit, seed_everything
+from openglm.train.checkpoint import latest_checkpoint, verify_checkpoint
+from openglm.train.loop import METRICS_NAME, evaluate_loss, fit, seed_everything
 from openglm.train.settings import OptimSettings, TrainSettings
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,8 @@ def pretrain(
         objective: the blank-infilling objective mix (spec C.2-C.6).
         train: run settings (steps, batch, precision, strategy, checkpoints, ...).
         optim: AdamW and learning-rate schedule settings (spec C.10).
-        out_dir: run folder: metrics.jsonl, checkpoints/, and the final model in model/.
+        out_dir: run folder: metrics.jsonl, checkpoints/, and the final model in model/. A fresh run refuses
+            a folder that already holds a run (checkpoints, metrics or a model); continue it with `resume`.
         model_overrides: GLMConfig fields to change, e.g. {num_layers: 4, hidden_size: 256}.
         init_from: start from these weights (an openglm checkpoint directory) instead of a fresh init.
         resume: continue exactly from the newest checkpoint in out_dir.
@@ -123,6 +125,14 @@ def pretrain(
         raise ValueError(
             "data.path is required (token shards from `openglm data prepare`), or set data.synthetic"
         )
+    check_out_dir(out_dir)
+    if not resume:
+        found = existing_run(out_dir)
+        if found:
+            raise ValueError(
+                f"out_dir={out_dir} already holds a run ({', '.join(found)}); pass --resume true to continue "
+                "it, or choose another --out_dir"
+            )
     env = parallel.init_distributed(train.device, train.timeout_s)
     try:
         return _pretrain(
@@ -130,6 +140,36 @@ def pretrain(
         )
     finally:
         parallel.teardown()
+
+
+def check_out_dir(out_dir: str | os.PathLike, flag: str = "out_dir") -> None:
+    """Fail early, with one line, when `out_dir` (or a folder above it) exists but is not a directory."""
+    path = Path(out_dir)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                where = "" if p == path else f" ({p} is a file)"
+                raise ValueError(f"{flag}={out_dir}: not a directory{where}; choose another --{flag}")
+            return
+
+
+def existing_run(out_dir: str | os.PathLike) -> list[str]:
+    """What of a previous run `out_dir` holds: checkpoints, metrics or an exported model (empty: none).
+
+    A folder left by a run that failed before its first metric (an empty metrics.jsonl, run.json) holds
+    nothing worth keeping, so a fresh run may start there.
+    """
+    path = Path(out_dir)
+    found = []
+    checkpoints = path / "checkpoints"
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
+        found.append("checkpoints/")
+    metrics = path / METRICS_NAME
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        found.append(METRICS_NAME)
+    if (path / "model").exists():
+        found.append("model/")
+    return found
 
 
 def _pretrain(
@@ -157,11 +197,17 @@ def _pretrain(
         from openglm.tokenizer import GLMTokenizer
 
         tokenizer = GLMTokenizer.from_pretrained(tok_dir)
+        corpus.check_tokenizer(tokenizer)  # shards of another tokenizer would train on the wrong ids
         config = _build_config(model_name, overrides, pad_vocab_size(tokenizer.num_tokens))
     if data.seq_length > config.max_sequence_length:
         raise ValueError(
             f"data.seq_length={data.seq_length} exceeds the model's max_sequence_length={config.max_sequence_length}"
         )
+    if resume:
+        latest = latest_checkpoint(out_dir)
+        if latest is not None:
+            # Before run.json is rewritten: a checkpoint that cannot be resumed must leave the run as it was.
+            verify_checkpoint(latest, config)
     train_batches, valid = _batches(data, objective, train, config, tokenizer, env)
 
     seed_everything(train.seed)
@@ -274,17 +320,26 @@ def _multi_task(data: DataSettings, tokenizer: Any) -> list[Any]:
 
 
 def _export(checkpoint: Path, model_dir: Path, tokenizer: Any) -> None:
-    """Copy the final weights (and the tokenizer) into out_dir/model, a directory `openglm infill` loads."""
+    """Copy the final weights (and the tokenizer) into out_dir/model, a directory `openglm infill` loads.
+
+    The new directory is complete before it replaces the old one, and a failed copy leaves no temporary behind.
+    """
     import shutil
 
     tmp = model_dir.with_name(model_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    for name in ("config.json", "model.safetensors"):
-        shutil.copy2(checkpoint / name, tmp / name)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if model_dir.exists():
-        shutil.rmtree(model_dir)
-    os.replace(tmp, model_dir)
+    old = model_dir.with_name(model_dir.name + ".old")
+    for leftover in (tmp, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    try:
+        tmp.mkdir(parents=True)
+        for name in ("config.json", "model.safetensors"):
+            shutil.copy2(checkpoint / name, tmp / name)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if model_dir.exists():
+            os.replace(model_dir, old)
+        os.replace(tmp, model_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)

@@ -81,7 +81,9 @@ class TrainSettings:
         device: `auto` (this rank's GPU when there is one, else CPU), `cpu`, `cuda`, `cuda:N`.
         seed: seeds torch, numpy and python RNGs (the model init and dropout); data has its own seed.
         log_every: write a metrics line every this many steps.
-        eval_every: run the validation function every this many steps (and at the end); 0 disables it.
+        eval_every: also run the validation function every this many steps; it always runs once at the end
+            (fine-tuning keeps its best model by it, pretraining reports it), so 0 means only at the end. To
+            skip validation in pretraining, set `data.valid_batches 0`.
         save_every: write a checkpoint every this many steps (and always at the end); 0 only at the end.
         keep_last: how many checkpoints to keep (the oldest are deleted after a successful save).
         progress: show a tqdm progress bar (rank 0 only).
@@ -117,7 +119,7 @@ class TrainSettings:
         for name in ("eval_every", "save_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"train.{name}={value!r} must be an integer >= 0 (0 disables it)")
+                raise ValueError(f"train.{name}={value!r} must be an integer >= 0 (0: only at the end)")
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision={self.precision!r}; expected one of {PRECISIONS}")
         if self.strategy not in STRATEGIES:
