@@ -264,3 +264,175 @@ def test_convert_carries_the_tokenizer(tmp_path, mp_case, caplog):
     (zh / "cog-pretrain.model").unlink()
     with pytest.raises(CheckpointError, match="cog-pretrain.model is missing"):
         find_tokenizer(zh, large_chinese)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Bad input: one-line errors naming the file and field; nothing the user had is lost
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("block_position_encoding", "false"),
+        ("block_position_encoding", 1),
+        ("layernorm_epsilon", "1e-5"),
+        ("attention_scale", "2"),
+        ("initializer_range", "0.02"),
+        ("deepnorm_alpha", "2"),
+        ("output_dropout_prob", None),
+        ("tokenizer", 3),
+    ],
+)
+def test_config_fields_must_have_their_json_type(tmp_path, field, value):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**GLMConfig.from_name("tiny").to_dict(), field: value}))
+    with pytest.raises(ValueError, match=rf"^{path}: GLMConfig\.{field} must be .*{value!r}") as err:
+        GLMConfig.from_file(path)
+    assert "\n" not in str(err.value)
+
+
+def test_config_json_that_is_not_an_object(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=r"config.json: expected a JSON object, got list"):
+        GLMModel.from_pretrained(tmp_path)
+    with pytest.raises(SystemExit):
+        cli_main(["convert", str(tmp_path), str(tmp_path / "out")])
+    assert capsys.readouterr().err.startswith("openglm: error: ")
+
+
+def test_official_directory_uses_the_config_json_beside_it(tmp_path, mp_case):
+    official = tmp_path / "official"
+    shutil.copytree(mp_case / "official_mp2", official)
+    with pytest.raises(CheckpointError, match="carry no config.*--model_config"):
+        GLMModel.from_pretrained(official)
+    shutil.copy(mp_case / "config.json", official / "config.json")
+    model = GLMModel.from_pretrained(official)  # not taken for a Hugging Face directory
+    expected = load_file(str(mp_case / "weights.safetensors"))["word_embeddings.weight"]
+    assert torch.equal(model.word_embeddings.weight, expected)
+
+
+def test_weights_are_picked_by_name_among_several_safetensors(tmp_path, mp_case):
+    # The fixture folder holds inputs.safetensors and expected.safetensors next to weights.safetensors.
+    model = GLMModel.from_pretrained(mp_case)
+    expected = load_file(str(mp_case / "expected.safetensors"))["logits_sep_vector"]
+    assert (_logits(model, mp_case) - expected).abs().max() < 1e-4
+    ambiguous = tmp_path / "ambiguous"
+    ambiguous.mkdir()
+    shutil.copy(mp_case / "config.json", ambiguous)
+    shutil.copy(mp_case / "weights.safetensors", ambiguous / "a.safetensors")
+    shutil.copy(mp_case / "weights.safetensors", ambiguous / "b.safetensors")
+    with pytest.raises(
+        CheckpointError, match=r"several weight files and no index \(a.safetensors, b.safetensors\)"
+    ):
+        GLMModel.from_pretrained(ambiguous)
+
+
+def test_files_that_are_not_checkpoints(tmp_path):
+    text = tmp_path / "notes"
+    text.write_text("hello\n")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(bytes(range(256)) * 8)
+    for path in (text, garbage):
+        with pytest.raises(CheckpointError, match=rf"^{path}: not a checkpoint"):
+            load_checkpoint(path, "tiny")
+    pickled_garbage = tmp_path / "pickled.pt"
+    pickled_garbage.write_bytes(b"\x80\x02" + bytes(range(100, 200)))
+    with pytest.raises(CheckpointError, match=rf"^{pickled_garbage}: (not a checkpoint|cannot read)"):
+        load_checkpoint(pickled_garbage, "tiny")
+
+
+@pytest.mark.parametrize("damage", ["nan", "inf", "int"])
+def test_damaged_or_integer_weights_are_refused(tmp_path, damage):
+    torch.manual_seed(0)
+    GLMModel(GLMConfig.from_name("tiny")).save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    key = "transformer.layers.1.mlp.dense_h_to_4h.weight"
+    if damage == "int":
+        state[key] = state[key].to(torch.int64)
+    else:
+        state[key][3, 5] = float(damage)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    message = "expected floating-point weights" if damage == "int" else "holds 1 NaN/inf value"
+    with pytest.raises(CheckpointError, match=rf"{key}.*{message}"):
+        GLMModel.from_pretrained(tmp_path)
+
+
+def test_convert_keeps_a_non_empty_destination_unless_told(tmp_path, mp_case, capsys):
+    src, dst = str(mp_case / "official"), tmp_path / "dst"
+    config = str(mp_case / "config.json")
+    vocab = require(shared_data_dir() / "tokenizers" / "bert-large-uncased-vocab.txt")
+    dst.mkdir()
+    (dst / "precious.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not empty; pass --overwrite true"):
+        convert(src, str(dst), config)
+    assert (dst / "precious.txt").read_text() == "keep me"
+    # A failed conversion leaves the old directory as it was, even with overwrite.
+    with pytest.raises(ValueError, match="tokens but the model only"):
+        convert(src, str(dst), config, tokenizer=f"bert:{vocab}", overwrite=True)
+    assert sorted(p.name for p in dst.iterdir()) == ["precious.txt"]
+    cli_main(["convert", src, str(dst), "--model_config", config, "--overwrite", "true"])
+    assert sorted(p.name for p in dst.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]  # no temporary left behind
+    (tmp_path / "afile").write_text("x")
+    for target, message in [
+        (tmp_path / "afile", "exists and is not a directory"),
+        (dst, "would delete the source checkpoint"),
+    ]:
+        with pytest.raises(SystemExit):
+            cli_main(["convert", str(dst), str(target), "--overwrite", "true"])
+        assert message in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "x" and (dst / "model.safetensors").is_file()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli_main(["convert", str(dst), str(tmp_path / "afile" / "sub")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("openglm: error: ") and "afile" in err[0]
+
+
+def test_atomic_writes_keep_devices_and_links_and_name_the_target(tmp_path):
+    import os
+    import stat
+    import threading
+
+    from openglm.atomic import write_text_atomic
+
+    # A pipe stands in for /dev/null, /dev/full or /dev/stdout (a test must not risk replacing those): a
+    # rename would put a regular file in its place, so it is written to directly.
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text()), daemon=True)
+    reader.start()
+    write_text_atomic(fifo, "through the pipe")
+    reader.join(timeout=10)
+    assert received == ["through the pipe"] and stat.S_ISFIFO(os.stat(fifo).st_mode)
+    target, link = tmp_path / "target.txt", tmp_path / "link.txt"
+    link.symlink_to(target)
+    write_text_atomic(link, "through the link")
+    assert link.is_symlink() and target.read_text() == "through the link"
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError, match=rf"^cannot write {tmp_path / 'file' / 'x.json'}: ") as err:
+        write_text_atomic(tmp_path / "file" / "x.json", "{}")
+    assert ".tmp" not in str(err.value)
+    with pytest.raises(IsADirectoryError, match=rf"^cannot write {tmp_path}: it is a directory$"):
+        write_text_atomic(tmp_path, "x")
+
+
+def test_cli_names_the_yaml_config_file(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1\n")
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n")
+    for path, message in [
+        (bad, f"{bad}:2:1: invalid YAML: "),
+        (empty, f"{empty}: the config file is empty"),
+        (listed, f"{listed}: expected a mapping"),
+    ]:
+        for argv in (["--config", str(path)], [f"--config={path}"]):
+            with pytest.raises(SystemExit) as exc:
+                cli_main(["convert", *argv])
+            assert exc.value.code == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and err[0].startswith(f"openglm: error: {message}")

@@ -560,3 +560,131 @@ def test_beam_search_drops_finished_texts_and_still_equals_one_at_a_time() -> No
     assert [b.score for row in batched for b in row] == pytest.approx(
         [b.score for row in alone for b in row], abs=1e-4
     )
+
+
+def _official_layout(model_dir: Path, root: Path) -> Path:
+    from safetensors.torch import load_file
+
+    (root / "release").mkdir(parents=True)
+    (root / "latest_checkpointed_iteration.txt").write_text("release")
+    torch.save(
+        {"module": load_file(model_dir / "model.safetensors")},
+        root / "release" / "mp_rank_00_model_states.pt",
+    )
+    return root
+
+
+def test_cli_infill_reads_official_and_hugging_face_directories(
+    model_dir: Path, tmp_path: Path, capsys
+) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from openglm.cli import main
+
+    prompt = ["Tsinghua University is located in [MASK].", "--max_length", "3"]
+    main(["infill", str(model_dir), *prompt])
+    expected = capsys.readouterr().out
+
+    official = _official_layout(model_dir, tmp_path / "official")
+    with pytest.raises(SystemExit):
+        main(["infill", str(official), *prompt, "--tokenizer", str(model_dir)])
+    assert "--model_config" in capsys.readouterr().err
+    config = str(model_dir / "config.json")
+    main(["infill", str(official), *prompt, "--tokenizer", str(model_dir), "--model_config", config])
+    assert capsys.readouterr().out == expected
+    # With a config.json (and a tokenizer) beside the official files, the directory works on its own.
+    for name in ("config.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
+        shutil.copy(model_dir / name, official / name)
+    main(["infill", str(official), *prompt])
+    assert capsys.readouterr().out == expected
+
+    # A Hugging Face directory: hub config, `glm.` keys, and the tokenizer named by its tokenizer_class.
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    hf_config = {**json.loads((model_dir / "config.json").read_text()), "model_type": "glm"}
+    (hf / "config.json").write_text(json.dumps({**hf_config, "architectures": ["GLMModel"]}))
+    state = {"glm." + k: v for k, v in load_file(model_dir / "model.safetensors").items()}
+    save_file(state, str(hf / "model.safetensors"))
+    vocab = shared_data_dir() / "tokenizers"
+    shutil.copy(vocab / "gpt2-vocab.json", hf / "vocab.json")
+    shutil.copy(vocab / "gpt2-merges.txt", hf / "merges.txt")
+    (hf / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GLMGPT2Tokenizer"}))
+    main(["infill", str(hf), *prompt])
+    assert capsys.readouterr().out == expected
+
+
+def test_cli_infill_errors_are_one_line(model_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    import io
+
+    from openglm.cli import main
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine [MASK]\n\xff [MASK]\n")
+    bare = tmp_path / "bare"  # a model without a tokenizer
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((model_dir / name).read_bytes())
+    cases = [
+        ([str(tmp_path / "nowhere"), "a [MASK]"], "", f"model directory not found: {tmp_path / 'nowhere'}"),
+        (
+            [str(model_dir), "a [MASK]", "--dtype", "int8"],
+            "",
+            "dtype 'int8' is not supported; expected one of",
+        ),
+        ([str(model_dir), f"@{empty}"], "", f"no texts: {empty} holds no non-blank line"),
+        ([str(model_dir), "-"], "", "no texts: stdin holds no non-blank line"),
+        ([str(model_dir), "-"], b"\xff\n", "stdin:1: not valid UTF-8 (byte 0xff at offset 0)"),
+        ([str(model_dir), f"@{bad}"], "", f"{bad}:2: not valid UTF-8"),
+        ([str(model_dir), "  "], "", "no text: the prompt is empty"),
+        ([str(bare), "a [MASK]"], "", f"{bare}: no tokenizer_config.json, so no tokenizer to use"),
+    ]
+    for argv, stdin, message in cases:
+        if isinstance(stdin, bytes):
+            monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+        else:
+            monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+        with pytest.raises(SystemExit) as exit_info:
+            main(["infill", *argv, "--max_length", "2"])
+        captured = capsys.readouterr()
+        err = captured.err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1, (argv, captured.err)
+        assert err[0].startswith(f"openglm: error: {message}"), (argv, err)
+        assert captured.out == ""
+
+
+def test_cli_infill_prints_one_line_per_text(model_dir: Path, capsys, monkeypatch) -> None:
+    from openglm.cli import main
+    from openglm.generate.infill import FilledText
+
+    def fake_fill(_model, _tokenizer, texts, _config):
+        return [FilledText(t, t.replace("[MASK]", "two\nlines\r"), []) for t in texts]
+
+    monkeypatch.setattr("openglm.generate.command.fill_blanks", fake_fill)
+    main(["infill", str(model_dir), "a [MASK] b"])
+    assert capsys.readouterr().out == "a two\\nlines\\r b\n"
+    main(["infill", str(model_dir), "a [MASK] b", "--jsonl", "true"])
+    assert json.loads(capsys.readouterr().out)["text"] == "a two\nlines\r b"
+
+
+def test_splice_keeps_whitespace_fills() -> None:
+    """A BPE fill's leading space is the one the text already has before the mask (the official output has it
+    once, so a fill of one space adds nothing); any other whitespace of a fill is kept."""
+    from types import SimpleNamespace
+
+    from openglm.generate.infill import BlankFill, _splice
+
+    tokenizer = SimpleNamespace(gmask_id=GMASK)
+
+    def splice(source: str, *fills: str) -> str:
+        blanks = [BlankFill(position=0, mask_id=MASK, token_ids=[], stop="max_length", text=f) for f in fills]
+        return _splice(tokenizer, source, [], blanks)
+
+    assert splice("It is in [MASK].", " Paris") == "It is in Paris."
+    assert splice("It is in [MASK].", " ") == "It is in ."
+    assert splice("It is in [MASK].", "\n") == "It is in \n."
+    assert splice("It is in [MASK].", "  two") == "It is in  two."
+    assert splice("[MASK] and [MASK]", " a", "b") == "a and b"

@@ -511,3 +511,91 @@ def test_tiktoken_path_refuses_lone_surrogates_and_falls_back(
     assert "using the library" in caplog.text
     monkeypatch.setitem(sys.modules, "tiktoken", None)  # not installed
     assert fast_bpe.build(vocab, [("a", "b")], wrong) is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tokenizer_config.json is checked; Hugging Face GLM directories load as `openglm convert` reads them
+
+
+def _saved_bpe(tmp_path: Path, trained: GLMTokenizer) -> Path:
+    trained.save_pretrained(tmp_path)
+    return tmp_path / "tokenizer_config.json"
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"version": 99}, "version 99 is newer than this openglm reads"),
+        ({"version": "1"}, "version '1' is not a tokenizer config version"),
+        ({"surprise": 1}, r"unknown field\(s\) \['surprise'\]"),
+        ({"command_tokens": "x"}, "field 'command_tokens' must be a list of objects"),
+        ({"command_tokens": [{"name": "MASK"}]}, "field 'command_tokens' must be a list of objects"),
+        ({"command_tokens": []}, "field 'command_tokens' does not match the vocabulary files"),
+        ({"num_tokens": "600"}, "field 'num_tokens' must be an integer, got '600'"),
+        ({"vocab_size": 5000}, "vocab_size=5000 but the vocabulary files give 512"),
+        ({"options": {"task_mask": "yes"}}, "options.task_mask must be true or false"),
+    ],
+)
+def test_tokenizer_config_is_checked(
+    trained: GLMTokenizer, tmp_path: Path, change: dict, message: str
+) -> None:
+    path = _saved_bpe(tmp_path, trained)
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    with pytest.raises(ValueError, match=rf"^{path}: {message}") as err:
+        GLMTokenizer.from_pretrained(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_edited_command_ids_are_refused(trained: GLMTokenizer, tmp_path: Path) -> None:
+    path = _saved_bpe(tmp_path, trained)
+    cfg = json.loads(path.read_text())
+    mask = next(c for c in cfg["command_tokens"] if c["name"] == "MASK")
+    mask["id"] = 5
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(
+        ValueError,
+        match=rf"command_tokens' does not match .*MASK should be '\[MASK\]' with id {trained.mask_id}",
+    ):
+        GLMTokenizer.from_pretrained(tmp_path)
+
+
+def test_hugging_face_directory_tokenizer(tmp_path: Path) -> None:
+    vocab = _vocab_dir()
+    (tmp_path / "vocab.json").write_bytes((vocab / "gpt2-vocab.json").read_bytes())
+    (tmp_path / "merges.txt").write_bytes((vocab / "gpt2-merges.txt").read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GLMGPT2Tokenizer"}))
+    loaded = GLMTokenizer.from_pretrained(tmp_path)
+    official = GLMTokenizer.for_model("glm-10b", vocab)
+    assert loaded.command_tokens == official.command_tokens
+    text = "Tsinghua University is located in [MASK]."
+    assert GLMTokenizer.from_spec(tmp_path).encode(text) == official.encode(text)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+    with pytest.raises(ValueError, match="tokenizer_class 'LlamaTokenizer' is not a GLM tokenizer"):
+        GLMTokenizer.from_pretrained(tmp_path)
+
+
+def test_unknown_kind_in_a_spec() -> None:
+    with pytest.raises(ValueError, match="tokenizer 'foo:bar': unknown kind 'foo'; give KIND:VOCAB_PATH"):
+        GLMTokenizer.from_spec("foo:bar")
+
+
+def test_train_output_and_damaged_gzip(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from openglm.cli import main
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(_CORPUS), encoding="utf-8")
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(ValueError, match="--out .*afile exists and is not a directory"):
+        train_tokenizer([str(corpus)], vocab_size=300, out=str(tmp_path / "afile"), progress=False)
+    assert (tmp_path / "afile").read_text() == "mine"
+    with gzip.open(tmp_path / "whole.txt.gz", "wb") as f:
+        f.write("".join(_CORPUS).encode() * 20)
+    data = (tmp_path / "whole.txt.gz").read_bytes()
+    (tmp_path / "cut.txt.gz").write_bytes(data[: len(data) // 2])
+    (tmp_path / "fake.txt.gz").write_bytes(b"plain text, not gzip\n")
+    flags = ["--vocab_size", "300", "--out", str(tmp_path / "o"), "--progress", "false"]
+    for name in ("cut.txt.gz", "fake.txt.gz"):
+        with pytest.raises(SystemExit):
+            main(["tokenizer", "train", "--corpus", str(tmp_path / name), *flags])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"openglm: error: {tmp_path / name}: ")

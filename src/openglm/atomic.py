@@ -3,21 +3,55 @@ concurrent reader never sees a partial file and what the user had is kept until 
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
+
+
+def _named(err: OSError, target: Path) -> OSError:
+    """The same kind of error, naming the file the user asked for rather than our temporary name."""
+    reason = err.strerror or str(err)
+    new = type(err)(f"cannot write {target}: {reason}")
+    new.errno = err.errno
+    return new
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` atomically (its directory is created when missing).
 
     The temporary name is unique per process, so concurrent writers do not clobber each other's temporary.
+    A path that exists but is not a regular file (a device such as /dev/null, a pipe, /dev/stdout) is written
+    to directly: a rename would replace the device by a regular file. A symbolic link to a regular file is
+    kept, and the file it points to is replaced.
+
+    Raises:
+        OSError: of the original kind, with a message that names `path`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        mode = os.stat(path).st_mode  # follows links: /dev/stdout -> the pipe or file behind it
+    except FileNotFoundError:
+        mode = None
+    except OSError as err:
+        raise _named(err, path) from None
+    if mode is not None and stat.S_ISDIR(mode):
+        raise _named(IsADirectoryError(errno.EISDIR, "it is a directory"), path)
+    if mode is not None and not stat.S_ISREG(mode):
+        try:
+            with open(path, "wb") as handle:
+                handle.write(data)
+        except OSError as err:
+            raise _named(err, path) from None
+        return
+    real = Path(os.path.realpath(path))
+    tmp = real.with_name(f".{real.name}.{os.getpid()}.tmp")
+    try:
+        real.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_bytes(data)
-        os.replace(tmp, path)
+        os.replace(tmp, real)
+    except OSError as err:
+        raise _named(err, path) from None
     finally:
         tmp.unlink(missing_ok=True)
 

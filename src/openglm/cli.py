@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from openglm.convert import convert
@@ -51,15 +52,51 @@ def _normalise_flags(argv: list[str]) -> list[str]:
     return out
 
 
+def _check_config_files(argv: list[str]) -> None:
+    """Read each `--config FILE` before jsonargparse does: its errors name "<unicode string>" instead of the
+    file, and an empty file reads as "Unexpected config:"."""
+    import yaml
+
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--config="):
+            value = arg.partition("=")[2]
+        else:
+            continue
+        path = Path(value)
+        if not path.is_file():
+            continue  # a YAML string, or a missing file that jsonargparse reports by name
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not valid UTF-8 (byte offset {err.start})") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(f"{where}: invalid YAML: {problem}") from None
+        if data is None:
+            raise ValueError(f"{path}: the config file is empty")
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of option: value, got a {type(data).__name__}")
+
+
 def main(argv: list[str] | None = None) -> None:
     from jsonargparse import CLI
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     argv = _normalise_flags(sys.argv[1:] if argv is None else list(argv))
     try:
+        _check_config_files(argv)
         result = CLI(_commands(), args=argv, as_positional=True)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, UnicodeDecodeError) as err:
+    except ValueError as err:  # UnicodeDecodeError and CheckpointError included
         print(f"openglm: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as err:
+        # Disk full, unwritable or missing paths: the system's reason, with the file when it names one.
+        message = f"{err.filename}: {err.strerror}" if err.filename and err.strerror else str(err)
+        print(f"openglm: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("openglm: interrupted", file=sys.stderr)

@@ -43,6 +43,18 @@ _HF_IGNORED_FIELDS = {
 }
 
 
+_FLOAT_FIELDS = (
+    "embedding_dropout_prob",
+    "attention_dropout_prob",
+    "output_dropout_prob",
+    "layernorm_epsilon",
+    "initializer_range",
+    "attention_scale",
+    "deepnorm_alpha",
+    "deepnorm_beta",
+)
+
+
 def pad_vocab_size(num_tokens: int, multiple: int = 128) -> int:
     """The smallest multiple of `multiple` that is >= `num_tokens` (spec B.6); the pad rows are real rows."""
     if num_tokens <= 0 or multiple <= 0:
@@ -103,6 +115,24 @@ class GLMConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"GLMConfig.{name} must be a positive integer, got {value!r}")
+        # JSON configs can hold "false" or "1e-5" as strings: only real booleans and numbers are accepted, so
+        # that a string is never read as truthy or compared with a number.
+        if not isinstance(self.block_position_encoding, bool):
+            raise ValueError(
+                f"GLMConfig.block_position_encoding must be true or false, got {self.block_position_encoding!r}"
+            )
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if value is None and name in ("deepnorm_alpha", "deepnorm_beta"):
+                continue
+            if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"GLMConfig.{name} must be a finite number, got {value!r}")
+        for name in ("activation", "norm_scheme", "tokenizer"):
+            value = getattr(self, name)
+            if not isinstance(value, str) and not (name == "tokenizer" and value is None):
+                raise ValueError(f"GLMConfig.{name} must be a string, got {value!r}")
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"GLMConfig.extra must be an object, got {self.extra!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"GLMConfig.hidden_size={self.hidden_size} is not divisible by "
@@ -116,8 +146,9 @@ class GLMConfig:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"GLMConfig.{name}={value!r} must be in [0, 1)")
-        if self.layernorm_epsilon <= 0 or self.initializer_range <= 0:
-            raise ValueError("GLMConfig.layernorm_epsilon and initializer_range must be positive")
+        for name in ("layernorm_epsilon", "initializer_range"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"GLMConfig.{name}={getattr(self, name)!r} must be positive")
         if self.attention_scale < 1.0:
             raise ValueError(f"GLMConfig.attention_scale={self.attention_scale!r} must be >= 1")
         for name in ("deepnorm_alpha", "deepnorm_beta"):
@@ -176,7 +207,8 @@ class GLMConfig:
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> GLMConfig:
         """Build from our own dict or from a Hugging Face hub GLM `config.json` (field names mostly agree)."""
         data = dict(data)
-        if data.get("model_type") == "glm" or "output_predict" in data:
+        hf_only = _HF_IGNORED_FIELDS - {"model_type"}
+        if data.get("model_type") == "glm" or (data.get("model_type") != "openglm" and hf_only & set(data)):
             data = _from_hf_dict(data, source)
         data.pop("model_type", None)
         known = {f.name for f in dataclasses.fields(cls)}
@@ -185,7 +217,7 @@ class GLMConfig:
             raise ValueError(f"{source}: unknown config field(s) {unknown}")
         try:
             return cls(**data)
-        except TypeError as err:
+        except (TypeError, ValueError) as err:
             raise ValueError(f"{source}: {err}") from None
 
     @classmethod
@@ -227,8 +259,11 @@ class GLMConfig:
 def _from_hf_dict(data: dict[str, Any], source: str) -> dict[str, Any]:
     if "num_layers" not in data and "num_hidden_layers" in data:
         data["num_layers"] = data["num_hidden_layers"]
-    if data.get("relative_encoding"):
+    relative = data.get("relative_encoding", False)
+    if relative is True:
         raise ValueError(f"{source}: relative_encoding (Transformer-XL attention) is not supported")
+    if relative is not False:
+        raise ValueError(f"{source}: GLMConfig.relative_encoding must be true or false, got {relative!r}")
     if data.get("output_predict") is False:
         # The HF default is False but every released config sets it to true; our model always projects.
         pass

@@ -13,8 +13,8 @@ import logging
 import os
 import pickle
 import re
-import zipfile
-from collections.abc import Mapping
+import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 _MP_FILE = re.compile(r"mp_rank_(\d+)_model_states\.pt$")
+_INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_SHARD_FILE = re.compile(r"-\d+-of-\d+\.(safetensors|bin)$")
 # Prefixes that wrappers put in front of the backbone keys: DDP/DeepSpeed `module.`, HF heads `glm.`,
 # official classification wrappers `model.`.
 _PREFIXES = ("module.", "glm.", "model.")
@@ -40,23 +42,38 @@ class CheckpointError(ValueError):
 
 # --------------------------------------------------------------------------------------------------------
 # Reading files
+def _file_kind(path: Path) -> str:
+    """'safetensors', 'torch' (zip archive or legacy pickle) or 'other', from the first bytes of the file."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save's zip archive; a pickle's PROTO opcode
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{":  # an 8-byte header length, then the JSON header
+        return "safetensors"
+    return "other"
+
+
 def _torch_load(path: Path) -> object:
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
+    if _file_kind(path) != "torch":
+        raise CheckpointError(f"{path}: not a checkpoint (neither a PyTorch file nor safetensors)")
     try:
         # Official checkpoints may pickle the argparse namespace of the run; that class is plain data.
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unsupported object"
+        # torch words every refusal the same way; only an unsupported global means "code would run".
+        detail = re.search(r"Unsupported (?:global|class):? (?:GLOBAL )?(\S+)", str(err))
+        if detail is None:
+            raise CheckpointError(f"{path}: not a checkpoint (the data in it cannot be unpickled)") from None
         raise CheckpointError(
-            f"{path}: refused to load: the file needs pickled code to be executed ({first}); "
+            f"{path}: refused to load: the file needs pickled code to be executed ({detail.group(1)}); "
             "re-save it as a plain state dict or safetensors"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
-        raise CheckpointError(
-            f"{path}: cannot read the checkpoint ({str(err).splitlines()[0]}); is it truncated?"
-        ) from None
+    except Exception as err:  # the unpickler raises anything (KeyError, ValueError, ...) on damaged files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({first}); is it truncated?") from None
 
 
 def _safetensors_load(path: Path) -> dict[str, Tensor]:
@@ -164,29 +181,48 @@ def _official_shard_files(path: Path) -> list[Path]:
 
 
 # --------------------------------------------------------------------------------------------------------
+def _has_official_markers(path: Path) -> bool:
+    """A tracker file or mp_rank files, and none of the weight files of the other layouts."""
+    if any((path / n).is_file() for n in (WEIGHTS_NAME, "pytorch_model.bin", *_INDEX_NAMES)):
+        return False
+    return any((path / n).is_file() for n in ("latest_checkpointed_iteration.txt", "latest")) or any(
+        _MP_FILE.search(p.name) for p in path.iterdir()
+    )
+
+
+def _read_config_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def detect_format(path: Path) -> str:
-    """'openglm', 'hf' or 'official' for a checkpoint path."""
+    """'openglm', 'hf' or 'official' for a checkpoint path.
+
+    The official layout is recognised first: its directory may also hold a config.json (the one to use).
+    """
     if path.is_file():
+        if _file_kind(path) == "other":
+            raise CheckpointError(f"{path}: not a checkpoint (neither a PyTorch file nor safetensors)")
         return "official" if path.suffix in (".pt", ".bin", ".pth") else "openglm"
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint file or directory")
-    if (path / CONFIG_NAME).is_file():
-        try:
-            data = json.loads((path / CONFIG_NAME).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise CheckpointError(f"{path / CONFIG_NAME}: not valid JSON ({err})") from None
-        return "openglm" if data.get("model_type") == "openglm" else "hf"
-    if any((path / n).is_file() for n in ("latest_checkpointed_iteration.txt", "latest")) or any(
-        _MP_FILE.search(p.name) for p in path.iterdir()
-    ):
+    if _has_official_markers(path):
         return "official"
+    if (path / CONFIG_NAME).is_file():
+        data = _read_config_json(path / CONFIG_NAME)
+        return "openglm" if data.get("model_type") == "openglm" else "hf"
     raise CheckpointError(
         f"{path}: not a GLM checkpoint (no config.json, no latest_checkpointed_iteration.txt, no mp_rank files)"
     )
 
 
 def _hf_weight_files(path: Path) -> list[Path]:
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+    for index_name in _INDEX_NAMES:
         index = path / index_name
         if index.is_file():
             try:
@@ -200,39 +236,74 @@ def _hf_weight_files(path: Path) -> list[Path]:
     found = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
     if not found:
         raise CheckpointError(f"{path}: no weights (model.safetensors, pytorch_model.bin or *.safetensors)")
-    return found
+    if len(found) == 1 or all(_SHARD_FILE.search(p.name) for p in found):
+        return found
+    # Other tensors can sit next to the weights (inputs, expected outputs): take the file named as weights.
+    named = [p for p in found if re.search(r"model|weights", p.stem)]
+    if len(named) == 1:
+        return named
+    raise CheckpointError(
+        f"{path}: several weight files and no index ({', '.join(p.name for p in found)}); "
+        f"name the weights {WEIGHTS_NAME} or add model.safetensors.index.json"
+    )
 
 
 def _read_weights(files: list[Path]) -> dict[str, Tensor]:
     state: dict[str, Tensor] = {}
     for f in files:
-        part = _safetensors_load(f) if f.suffix == ".safetensors" else _state_from_pickle(_torch_load(f), f)
+        is_safetensors = f.suffix == ".safetensors" or (f.is_file() and _file_kind(f) == "safetensors")
+        part = _safetensors_load(f) if is_safetensors else _state_from_pickle(_torch_load(f), f)
         state.update(part)
     return state
+
+
+_CONFIG_HINT = (
+    "pass --model_config on the command line or config= in Python (a preset name such as glm-large, or a "
+    "config.json path)"
+)
 
 
 def load_checkpoint(
     path: Path, config: GLMConfig | str | os.PathLike | None = None
 ) -> tuple[GLMConfig, dict[str, Tensor]]:
-    """Read any supported checkpoint layout into (config, MP=1 state dict with official key names)."""
+    """Read any supported checkpoint layout into (config, MP=1 state dict with official key names).
+
+    An official checkpoint takes `config`, else the config.json in its directory.
+    """
     fmt = detect_format(path)
     if fmt == "official":
-        files = _official_shard_files(path)
-        shards = [_strip_prefixes(_state_from_pickle(_torch_load(f), f)) for f in files]
-        state = merge_model_parallel(shards, source=str(files[0].parent))
+        beside = (path if path.is_dir() else path.parent) / CONFIG_NAME
+        if config is None and beside.is_file():
+            config = beside
         if config is None:
             raise CheckpointError(
-                f"{path}: official checkpoints carry no config; pass config= (a GLMConfig, a preset name such as "
-                "'glm-large', or a config.json path)"
+                f"{path}: official checkpoints carry no config; put a config.json next to it or {_CONFIG_HINT}"
             )
-        return GLMConfig.resolve(config), state
+        cfg = GLMConfig.resolve(config)
+        files = _official_shard_files(path)
+        shards = [_strip_prefixes(_state_from_pickle(_torch_load(f), f)) for f in files]
+        return cfg, merge_model_parallel(shards, source=str(files[0].parent))
     if path.is_file():
-        state = _read_weights([path])
         if config is None:
-            raise CheckpointError(f"{path}: a bare weights file carries no config; pass config=")
-        return GLMConfig.resolve(config), _strip_prefixes(state)
+            raise CheckpointError(f"{path}: a bare weights file carries no config; {_CONFIG_HINT}")
+        cfg = GLMConfig.resolve(config)
+        return cfg, _strip_prefixes(_read_weights([path]))
     cfg = GLMConfig.resolve(config) if config is not None else GLMConfig.from_file(path / CONFIG_NAME)
     return cfg, _strip_prefixes(_read_weights(_hf_weight_files(path)))
+
+
+def _check_values(key: str, value: Tensor, target: Tensor, source: str) -> None:
+    """Refuse integer weights (copying would cast them silently) and NaN/inf (the model would emit garbage)."""
+    if target.is_floating_point() and not value.is_floating_point():
+        raise CheckpointError(f"{source}: {key!r} has dtype {value.dtype}; expected floating-point weights")
+    if not value.is_floating_point() or value.numel() == 0:
+        return
+    # One float32 sum per tensor is cheap and is finite whenever every element is; only a sum that is not
+    # (NaN/inf inside, or an overflow of huge finite values) needs the element-wise test.
+    if torch.isfinite(value.sum(dtype=torch.float32)) or bool(torch.isfinite(value).all()):
+        return
+    bad = int((~torch.isfinite(value)).sum())
+    raise CheckpointError(f"{source}: {key!r} holds {bad} NaN/inf value(s); the checkpoint is damaged")
 
 
 def apply_state_dict(model: torch.nn.Module, state: Mapping[str, Tensor], source: str = "checkpoint") -> None:
@@ -254,6 +325,8 @@ def apply_state_dict(model: torch.nn.Module, state: Mapping[str, Tensor], source
             f"{source}: missing key {missing[0]!r}"
             + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "")
         )
+    for key, value in state.items():
+        _check_values(key, value, own[key], source)
     with torch.no_grad():
         for key, value in state.items():
             target = own[key]
@@ -327,11 +400,26 @@ def released_model(config: GLMConfig, kind: str = "") -> str | None:
     return None
 
 
-def find_tokenizer(src: Path, config: GLMConfig):
+def hf_tokenizer(src: Path, tokenizer_class: str, config: GLMConfig | None, settings: Path):
+    """The GLM tokenizer a Hugging Face directory names by `tokenizer_class` (one of `HF_TOKENIZERS`), with
+    the official ids of the released model that has `config`'s architecture, if any."""
+    from openglm.tokenizer import OFFICIAL_MODELS, GLMTokenizer
+
+    kind, file = HF_TOKENIZERS[tokenizer_class]
+    options: dict[str, bool] = {}
+    name = released_model(config, kind) if config is not None else None
+    if name is not None:
+        kind, _, options, _ = OFFICIAL_MODELS[name]
+    if not (src / file).is_file():
+        raise CheckpointError(f"{settings} names {tokenizer_class}, but {src / file} is missing")
+    return GLMTokenizer.from_files(kind, src / file, **options)
+
+
+def find_tokenizer(src: Path, config: GLMConfig | None):
     """The tokenizer a checkpoint directory carries, or None: an openglm tokenizer, or a Hugging Face GLM one
     (its `tokenizer_class` and vocab file), built with the official ids of the released model that has this
     architecture (GLM-Large-Chinese's fixed command ids, for example)."""
-    from openglm.tokenizer import OFFICIAL_MODELS, GLMTokenizer
+    from openglm.tokenizer import GLMTokenizer
 
     settings = src / "tokenizer_config.json" if src.is_dir() else None
     if settings is None or not settings.is_file():
@@ -346,14 +434,43 @@ def find_tokenizer(src: Path, config: GLMConfig):
     if cls not in HF_TOKENIZERS:
         log.warning("%s: tokenizer_class %r is not a GLM tokenizer; no tokenizer converted", settings, cls)
         return None
-    kind, file = HF_TOKENIZERS[cls]
-    options: dict[str, bool] = {}
-    name = released_model(config, kind)
-    if name is not None:
-        kind, _, options, _ = OFFICIAL_MODELS[name]
-    if not (src / file).is_file():
-        raise CheckpointError(f"{settings} names {cls}, but {src / file} is missing")
-    return GLMTokenizer.from_files(kind, src / file, **options)
+    return hf_tokenizer(src, cls, config, settings)
+
+
+def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
+    if dst.exists() and not dst.is_dir():
+        raise ValueError(f"{dst}: exists and is not a directory; name a new output directory")
+    if dst.is_dir() and any(dst.iterdir()):
+        if not overwrite:
+            raise ValueError(f"{dst}: the output directory is not empty; pass --overwrite true to replace it")
+        source, target = src.resolve(), dst.resolve()
+        if target == source or target in source.parents:
+            raise ValueError(f"{dst}: replacing it would delete the source checkpoint {src}")
+
+
+def _replace_directory(dst: Path, write: Callable[[Path], None]) -> None:
+    """Write a directory next to `dst` with `write`, then move it into place: until the new directory is
+    complete, `dst` keeps what it had; a failure leaves no half-written output."""
+    target = Path(os.path.realpath(dst))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    old = target.with_name(f".{target.name}.{os.getpid()}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        if target.is_dir() and any(target.iterdir()):
+            # Two renames: the old directory is only deleted once the new one is in its place.
+            os.replace(target, old)
+            try:
+                os.replace(tmp, target)
+            except OSError:
+                os.replace(old, target)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)  # renaming over an empty directory is allowed
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def convert(
@@ -362,6 +479,7 @@ def convert(
     model_config: str | None = None,
     dtype: str | None = None,
     tokenizer: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Convert an official (any MP size) or Hugging Face GLM checkpoint into an openglm directory.
 
@@ -369,12 +487,17 @@ def convert(
     a Hugging Face directory's GLM tokenizer is converted with the official ids, or `tokenizer` names one.
 
     Args:
-        src: checkpoint directory (official: holds latest_checkpointed_iteration.txt; HF: config.json + weights).
-        dst: output directory (config.json + model.safetensors, and the tokenizer's files).
-        model_config: for official checkpoints, a preset name (e.g. glm-large) or a config.json path.
+        src: checkpoint directory (official: holds latest_checkpointed_iteration.txt, and may hold the
+            config.json; HF: config.json + weights).
+        dst: output directory (config.json + model.safetensors, and the tokenizer's files); it must not
+            exist or be empty, unless `overwrite`.
+        model_config: for official checkpoints without a config.json, a preset name (e.g. glm-large) or a
+            config.json path; for the others, it replaces their config.
         dtype: optional dtype of the saved weights: float32, bfloat16 or float16.
         tokenizer: "KIND:VOCAB_PATH" (e.g. bert:bert-large-uncased-vocab.txt; official checkpoints carry no
             vocab) or a saved tokenizer directory; default: the one found in `src`, if any.
+        overwrite: replace a non-empty `dst` (the new directory is written beside it and then moved into
+            its place, so a failed conversion keeps the old one).
 
     Returns:
         The output directory.
@@ -385,16 +508,21 @@ def convert(
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype is not None and dtype not in dtypes:
         raise ValueError(f"dtype={dtype!r}; expected one of {list(dtypes)}")
+    _check_destination(Path(src), Path(dst), overwrite)
     model = GLMModel.from_pretrained(src, config=model_config, dtype=dtypes.get(dtype) if dtype else None)
     tok = GLMTokenizer.from_spec(tokenizer) if tokenizer else find_tokenizer(Path(src), model.config)
     if tok is not None and tok.num_tokens > model.config.vocab_size:
         raise ValueError(
             f"the tokenizer has {tok.num_tokens} tokens but the model only {model.config.vocab_size} embedding rows"
         )
-    save_checkpoint(model, dst)
-    if tok is not None:
-        tok.save_pretrained(dst)
-    else:
+
+    def write(directory: Path) -> None:
+        save_checkpoint(model, directory)
+        if tok is not None:
+            tok.save_pretrained(directory)
+
+    _replace_directory(Path(dst), write)
+    if tok is None:
         log.warning(
             "%s carries no tokenizer: %s holds the model only (add one with --tokenizer KIND:VOCAB_PATH)",
             src,

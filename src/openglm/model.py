@@ -408,8 +408,8 @@ class GLMModel(nn.Module):
 
         Args:
             path: checkpoint directory (or an official `<tag>` folder / `mp_rank_00_model_states.pt`).
-            config: required for official checkpoints, which carry none: a `GLMConfig`, a preset name or a
-                config.json path. Overrides the directory's own config when given.
+            config: a `GLMConfig`, a preset name or a config.json path; required for official checkpoints
+                without a config.json in their directory. Overrides the directory's own config when given.
             dtype: cast the weights to this dtype (default: keep float32).
             device: where to build the model.
         """

@@ -20,14 +20,35 @@ def load_tokenizer(model_dir: str, tokenizer: str | None) -> Any:
     """`tokenizer` is None (the tokenizer saved in `model_dir`), a directory, or "KIND:PATH" (vocab files)."""
     from openglm.tokenizer import GLMTokenizer
 
+    if tokenizer is None and not (Path(model_dir) / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(
+            f"{model_dir}: no tokenizer_config.json, so no tokenizer to use; pass --tokenizer KIND:VOCAB_PATH "
+            "or a tokenizer directory"
+        )
     return GLMTokenizer.from_spec(tokenizer if tokenizer is not None else model_dir)
 
 
-def _read_lines(stream: TextIO) -> Iterator[str]:
-    for line in stream:
-        line = line.rstrip("\n")
+def _read_lines(stream: Any, where: str) -> Iterator[str]:
+    """Non-blank lines of a text or binary stream; invalid UTF-8 names `where` and the line."""
+    for number, line in enumerate(stream, 1):
+        if isinstance(line, bytes):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"{where}:{number}: not valid UTF-8 (byte 0x{line[err.start]:02x} at offset {err.start})"
+                ) from None
+        line = line.rstrip("\r\n")
         if line.strip():
             yield line
+
+
+def _read_file(path: Path) -> Iterator[str]:
+    with path.open("rb") as handle:
+        yield from _read_lines(handle, str(path))
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _batches(lines: Iterator[str], size: int) -> Iterator[list[str]]:
@@ -57,7 +78,8 @@ def _show(result: FilledText, as_json: bool, out: TextIO) -> None:
             json.dumps({"source": result.source, "text": result.text, "blanks": blanks}, ensure_ascii=False)
         )
     else:
-        out.write(result.text)
+        # One output line per input: a fill that contains a line break is written with it escaped.
+        out.write(result.text.replace("\r", "\\r").replace("\n", "\\n"))
     out.write("\n")
     out.flush()
 
@@ -86,6 +108,7 @@ def infill(
     text: str,
     interactive: bool = False,
     tokenizer: str | None = None,
+    model_config: str | None = None,
     max_length: int = 64,
     min_length: int = 1,
     sample: bool = False,
@@ -106,12 +129,15 @@ def infill(
     """Fill [MASK]/[sMASK]/[gMASK] blanks with a GLM; prints one filled text per line.
 
     Args:
-        model_dir: a model directory (ours, Hugging Face GLM, or official with its config.json).
+        model_dir: a model directory (ours, Hugging Face GLM, or official: with its config.json or
+            --model_config).
         text: the prompt, e.g. "Tsinghua University is located in [MASK]."; "-" reads prompts from stdin and
             "@FILE" from FILE, one per line. A prompt without a mask is continued ([gMASK] appended).
         interactive: prompt loop: read a line, fill it, show the fill as it is decoded; "stop" or EOF ends it.
         tokenizer: tokenizer directory or "KIND:VOCAB_PATH" (kinds: bert, gpt2, roberta, chinese-sp,
             chinese-sp-fix, bpe); default: the tokenizer saved in model_dir.
+        model_config: the architecture of an official checkpoint without a config.json: a preset name (e.g.
+            glm-large) or a config.json path.
         max_length: at most this many tokens per blank.
         min_length: no end token before this many tokens (1 avoids empty fills).
         sample: sample instead of greedy decoding (with num_beams > 1: beam sampling).
@@ -127,7 +153,9 @@ def infill(
         batch_size: prompts decoded together when reading stdin or a file.
         device: torch device, e.g. "cpu" or "cuda".
         dtype: weights dtype ("float32", "bfloat16", "float16"); default as stored.
-        jsonl: print one JSON object per text (source, text, blanks) instead of the filled text.
+        jsonl: print one JSON object per text (source, text, blanks) instead of the filled text. The plain
+            text output writes a line break inside a filled text as the two characters \\n (\\r likewise), so
+            that every input gives one line; the JSON holds the exact text.
     """
     from openglm.model import GLMModel
 
@@ -138,16 +166,20 @@ def infill(
         top_p=top_p, num_beams=num_beams, length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
         repetition_penalty=repetition_penalty, mem_length=mem_length, seed=seed,
     )  # fmt: skip
-    torch_dtype = None
-    if dtype is not None:
-        torch_dtype = getattr(torch, dtype, None)
-        if not isinstance(torch_dtype, torch.dtype):
-            raise ValueError(f"dtype {dtype!r} is not a torch dtype")
+    if dtype is not None and dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; expected one of {', '.join(_DTYPES)}")
+    torch_dtype = _DTYPES[dtype] if dtype is not None else None
+    if not Path(model_dir).exists():
+        raise FileNotFoundError(f"model directory not found: {model_dir}")
+    if not interactive and text != "-" and not text.startswith("@") and not text.strip():
+        raise ValueError("no text: the prompt is empty (give a text, - for stdin or @FILE)")
+    if not interactive and text.startswith("@") and not Path(text[1:]).is_file():
+        raise FileNotFoundError(f"{text[1:]}: prompt file not found")
     tok = load_tokenizer(model_dir, tokenizer)
     # The padding rows of the vocabulary have no text: never produce them on the command line.
     config = config.replace(vocab_limit=tok.num_tokens)
     device = str(parallel.resolve_device(device))
-    model = GLMModel.from_pretrained(model_dir, dtype=torch_dtype, device=device)
+    model = GLMModel.from_pretrained(model_dir, config=model_config, dtype=torch_dtype, device=device)
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(
             f"tokenizer has {tok.vocab_size} ids but the model in {model_dir} has {model.config.vocab_size}"
@@ -171,14 +203,18 @@ def infill(
                 out.write("\n")
             _show(result, jsonl, out)
     if text == "-":
-        lines = _read_lines(sys.stdin)
+        where = "stdin"
+        lines = _read_lines(getattr(sys.stdin, "buffer", sys.stdin), where)
     elif text.startswith("@"):
         path = Path(text[1:])
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: prompt file not found")
-        lines = _read_lines(path.open(encoding="utf-8"))
+        where = str(path)
+        lines = _read_file(path)
     else:
-        lines = iter([text])
+        where, lines = "the command line", iter([text])
+    shown = 0
     for batch in _batches(lines, batch_size):
         for result in fill_blanks(model, tok, batch, config):
             _show(result, jsonl, out)
+            shown += 1
+    if not shown:
+        raise ValueError(f"no texts: {where} holds no non-blank line")

@@ -484,8 +484,10 @@ def _splice(tokenizer: Any, source: str, context: list[int], fills: list[BlankFi
     out = [pieces[0]]
     for fill, after in zip(fills, pieces[1:], strict=True):
         piece = fill.text
-        if (not out[-1] or out[-1][-1:].isspace()) and piece[:1].isspace():
-            piece = piece.lstrip()  # BPE fills carry their own leading space
+        if (not out[-1] or out[-1][-1:].isspace()) and piece[:1] == " ":
+            # BPE fills carry their own leading space, which the text before the mask already has (the
+            # official output has it once). Only that one space goes: other whitespace is part of the fill.
+            piece = piece[1:]
         out.append(piece)
         out.append(after)
     return "".join(out)

@@ -4,6 +4,7 @@ Rust `tokenizers` library and `sentencepiece`; this module only adds GLM's comma
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -20,6 +21,10 @@ from openglm.tokenizer.fast_bpe import TiktokenBPE
 KINDS = ("bert", "gpt2", "roberta", "chinese-sp", "chinese-sp-fix", "bpe")
 CONFIG_FILE = "tokenizer_config.json"
 FORMAT = "openglm-tokenizer"
+VERSION = 1
+_CONFIG_FIELDS = frozenset(
+    {"format", "version", "kind", "options", "num_tokens", "vocab_size", "command_tokens"}
+)
 
 # Files written by save_pretrained, per kind, and the names searched when from_files gets a directory
 # (ours first, then the names of the official release files).
@@ -527,6 +532,11 @@ class GLMTokenizer:
         kind, sep, path = os.fspath(spec).partition(":")
         if sep and kind in KINDS:
             return cls.from_files(kind, path)
+        if sep and not Path(spec).exists():
+            raise ValueError(
+                f"tokenizer {os.fspath(spec)!r}: unknown kind {kind!r}; give KIND:VOCAB_PATH with KIND one of "
+                f"{', '.join(KINDS)}, or a tokenizer directory"
+            )
         return cls.from_pretrained(spec)
 
     @classmethod
@@ -558,8 +568,21 @@ class GLMTokenizer:
             cfg = json.loads(_utf8(cfg_path.read_bytes(), cfg_path))
         except json.JSONDecodeError as err:
             raise ValueError(f"{cfg_path}: malformed JSON: {err}") from None
+        if isinstance(cfg, dict) and "format" not in cfg and "tokenizer_class" in cfg:
+            return _from_hf_directory(root, cfg["tokenizer_class"], cfg_path)
         if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
             raise ValueError(f'{cfg_path}: not an openglm tokenizer config (no "format": "{FORMAT}")')
+        unknown = sorted(set(cfg) - _CONFIG_FIELDS)
+        if unknown:
+            raise ValueError(f"{cfg_path}: unknown field(s) {unknown}; expected {sorted(_CONFIG_FIELDS)}")
+        version = cfg.get("version", VERSION)
+        if not isinstance(version, int) or isinstance(version, bool) or version != VERSION:
+            newer = isinstance(version, int) and not isinstance(version, bool) and version > VERSION
+            raise ValueError(
+                f"{cfg_path}: version {version!r} "
+                + ("is newer than this openglm reads" if newer else "is not a tokenizer config version")
+                + f" (it reads version {VERSION})"
+            )
         kind = cfg.get("kind")
         if kind not in KINDS:
             raise ValueError(
@@ -568,9 +591,52 @@ class GLMTokenizer:
         options = cfg.get("options", {})
         if not isinstance(options, dict) or set(options) - {"block_symbols", "task_mask", "dblock"}:
             raise ValueError(f"{cfg_path}: field 'options' must hold only block_symbols, task_mask, dblock")
+        for name, value in options.items():
+            if not isinstance(value, bool):
+                raise ValueError(f"{cfg_path}: options.{name} must be true or false, got {value!r}")
         names = _SAVED_FILES[kind]
         merges = root / names[1] if len(names) > 1 else None
-        return cls.from_files(kind, root / names[0], merges=merges, **options)
+        tok = cls.from_files(kind, root / names[0], merges=merges, **options)
+        tok._check_saved(cfg, cfg_path)
+        return tok
+
+    def _check_saved(self, cfg: dict[str, Any], cfg_path: Path) -> None:
+        """The sizes and command tokens in the config are derived from the vocabulary files when saving; a
+        config that disagrees was edited or sits next to other files, and would not mean what it says."""
+        for name, actual in (("num_tokens", self.num_tokens), ("vocab_size", self.vocab_size)):
+            value = cfg.get(name, actual)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{cfg_path}: field {name!r} must be an integer, got {value!r}")
+            if value != actual:
+                raise ValueError(
+                    f"{cfg_path}: {name}={value} but the vocabulary files give {actual}; the config does not "
+                    "belong to these files"
+                )
+        if "command_tokens" not in cfg:
+            return
+        saved = cfg["command_tokens"]
+        fields = [f.name for f in dataclasses.fields(CommandToken)]
+        if not isinstance(saved, list) or not all(
+            isinstance(c, dict) and set(c) == set(fields) for c in saved
+        ):
+            raise ValueError(
+                f"{cfg_path}: field 'command_tokens' must be a list of objects with the keys "
+                f"{', '.join(fields)}"
+            )
+        expected = [asdict(c) for c in self._commands]
+        if saved != expected:
+            first = next(
+                (
+                    f"{e['name']} should be {e['token']!r} with id {e['id']}"
+                    for e in expected
+                    if e not in saved
+                ),
+                f"there are {len(expected)} command tokens, not {len(saved)}",
+            )
+            raise ValueError(
+                f"{cfg_path}: field 'command_tokens' does not match the vocabulary files ({first}); command ids "
+                "come from the vocabulary and cannot be changed here"
+            )
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write the vocab files and tokenizer_config.json into a directory (created if needed).
@@ -587,7 +653,7 @@ class GLMTokenizer:
             write_bytes_atomic(root / name, data)
         cfg = {
             "format": FORMAT,
-            "version": 1,
+            "version": VERSION,
             "kind": self.kind,
             "options": self.options,
             "num_tokens": self.num_tokens,
@@ -807,6 +873,21 @@ class GLMTokenizer:
 
     def __repr__(self) -> str:
         return f"GLMTokenizer(kind={self.kind!r}, num_tokens={self.num_tokens}, options={self.options})"
+
+
+def _from_hf_directory(root: Path, tokenizer_class: Any, cfg_path: Path) -> GLMTokenizer:
+    """A Hugging Face GLM directory's tokenizer, rebuilt from its `tokenizer_class` and vocab file as
+    `openglm convert` does (with the official ids of the released model that has the directory's config)."""
+    from openglm.config import GLMConfig
+    from openglm.convert import HF_TOKENIZERS, hf_tokenizer
+
+    if tokenizer_class not in HF_TOKENIZERS:
+        raise ValueError(
+            f"{cfg_path}: tokenizer_class {tokenizer_class!r} is not a GLM tokenizer "
+            f"({', '.join(HF_TOKENIZERS)}); not a tokenizer openglm can load"
+        )
+    config = GLMConfig.from_file(root) if (root / "config.json").is_file() else None
+    return hf_tokenizer(root, tokenizer_class, config, cfg_path)
 
 
 def _find_file(kind: str, path: Path) -> Path:

@@ -122,6 +122,9 @@ def train_tokenizer(
     for name, value in (("corpus", corpus), ("vocab_size", vocab_size), ("out", out)):
         if value is None or (isinstance(value, list) and not value):
             raise ValueError(f"tokenizer train: --{name} is required")
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"tokenizer train: --out {out} exists and is not a directory; name a directory")
     files = corpus_files([corpus] if isinstance(corpus, str | os.PathLike) else corpus, pattern)
     log.info("training a %d-token byte-level BPE on %d file(s)", vocab_size, len(files))
     report = InputReport()
@@ -137,7 +140,6 @@ def train_tokenizer(
         raise ValueError(
             f"tokenizer train: no documents were read from {len(files)} input file(s) ({detail})"
         )
-    out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = tok.to_str().encode("utf-8")
     glm = GLMTokenizer._from_tokenizer_json(data, out_dir / "tokenizer.json")
