@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -89,27 +90,62 @@ def test_tiny_model_learns_to_fill_two_blanks() -> None:
     assert decode_blanks(model, [query], tok, max_length=4) == [[tok.encode("xy"), tok.encode("z")]]
 
 
-def test_finetune_infilling_end_to_end(tmp_path: Path) -> None:
+def test_finetune_infilling_end_to_end(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     tiny_checkpoint(tmp_path / "base", bert_tokenizer())
     docs = ["i think the answer is yes because it works for me", "you should ask your doctor about the pain"]
     (tmp_path / "train.txt").write_text("\n".join(docs) + "\n")
-    result = finetune_infilling(
-        str(tmp_path / "base"),
-        str(tmp_path / "train.txt"),
-        str(tmp_path / "run"),
-        dev_data=str(tmp_path / "train.txt"),
-        mask_ratio=0.2,
-        src_seq_length=32,
-        max_steps=2,
-        batch_size=2,
-        lr=1e-3,
-        progress=False,
-        device="cpu",
-    )
+
+    def run(max_steps: int, resume: bool = False) -> dict:
+        return finetune_infilling(
+            str(tmp_path / "base"),
+            str(tmp_path / "train.txt"),
+            str(tmp_path / "run"),
+            dev_data=str(tmp_path / "train.txt"),
+            mask_ratio=0.2,
+            src_seq_length=32,
+            max_steps=max_steps,
+            batch_size=2,
+            lr=1e-3,
+            eval_every=1,
+            progress=False,
+            device="cpu",
+            resume=resume,
+        )
+
+    with caplog.at_level("INFO"):
+        result = run(2)
     assert result["step"] == 2 and math.isfinite(result["train_loss"])
     assert result["dev"]["count"] == 2 and 0.0 <= result["dev"]["bleu"] <= 100.0
     assert (Path(result["best"]) / "config.json").is_file()
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["step"] == 2
+    assert re.search(r"new best dev bleu = [\d.]+ \(step 1\)", caplog.text)  # the step, not None
+    log = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match="already holds a fine-tuning run .*--train.resume true"):
+        run(3)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == log  # nothing the run had is lost
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        resumed = run(3, resume=True)
+    assert resumed["step"] == 3 and "resumed from" in caplog.text
+    steps = [
+        json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == [1, 1, 2, 2, 3, 3]  # loss and dev rows of every step, the first run's kept
+
+
+def test_infilling_files_and_lengths_are_checked(tmp_path: Path) -> None:
+    from openglm.tasks.infilling import run_infilling_eval
+
+    (tmp_path / "docs.txt").write_bytes(b"a fine text\nthe \xe9 end\n")
+    with pytest.raises(ValueError, match=r"docs.txt:2: not UTF-8 text \(byte 0xe9"):
+        read_documents(tmp_path / "docs.txt")
+    (tmp_path / "docs.jsonl").write_text('{"text": "a fine text"}\n{"text": 7}\n')
+    with pytest.raises(ValueError, match=r"docs.jsonl:2: field 'text' must be a string, got 7"):
+        read_documents(tmp_path / "docs.jsonl")
+    base = tiny_checkpoint(tmp_path / "base", bert_tokenizer())
+    (tmp_path / "docs.txt").write_text("a fine text with a few words\n")
+    with pytest.raises(ValueError, match=r"src_seq_length=256 exceeds .* 64; pass --data.max_seq_length 64"):
+        run_infilling_eval(str(base), str(tmp_path / "docs.txt"), device="cpu")
 
 
 def test_yahoo_documents_read(shared_data: Path) -> None:

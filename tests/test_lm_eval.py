@@ -266,6 +266,57 @@ def test_bad_rows_raise_one_line_errors(tmp_path: Path) -> None:
         evaluate_lambada(ScriptedLM([]), tok, tmp_path / "missing.jsonl")
 
 
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"prompt": 5, "label": "dog"}, r"bad.jsonl:3: field 'prompt' must be a string, got 5$"),
+        ({"prompt": "the cat saw the", "label": " "}, r"bad.jsonl:3: field 'label' is empty$"),
+        (
+            {"prompt": "the cat saw the", "label": None},
+            r"bad.jsonl:3: field 'label' must be a string, got null",
+        ),
+        ({"text": "   "}, r"bad.jsonl:3: field 'text' is empty$"),
+    ],
+)
+def test_lambada_rows_of_the_wrong_type_name_file_line_and_field(
+    tmp_path: Path, row: dict, message: str
+) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"prompt": "a cat", "label": "sat"}) + "\n\n" + json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match=message):
+        evaluate_lambada(ScriptedLM([]), char_tokenizer(gmask_id=5, smask_id=6), path)
+
+
+def test_multichoice_rows_and_text_files_are_checked(tmp_path: Path) -> None:
+    tok = char_tokenizer(gmask_id=5, smask_id=6)
+    path = tmp_path / "mc.jsonl"
+    row = {"inputs_pretokenized": "a", "choices_pretokenized": ["b", "c"], "label": 1}
+    for bad, message in (
+        ({"label": True}, r"mc.jsonl:1: label=True is not an index"),
+        (
+            {"choices_pretokenized": ["b", 5]},
+            r"mc.jsonl:1: field 'choices_pretokenized' must be a non-empty list of",
+        ),
+        (
+            {"inputs_pretokenized": None},
+            r"mc.jsonl:1: field 'inputs_pretokenized' must be a string, got null",
+        ),
+    ):
+        path.write_text(json.dumps({**row, **bad}) + "\n")
+        with pytest.raises(ValueError, match=message):
+            evaluate_multichoice(ScriptedLM([]), tok, path)
+    # a blank line between rows: the labels still go with their own rows
+    rows = [{**row, "label": 0}, {**row, "choices_pretokenized": ["c", "b"], "label": 1}]
+    path.write_text(json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n")
+    b = tok.encode("b")[0]  # the scripted model always favours "b"
+    assert evaluate_multichoice(ScriptedLM([b] * 4, vocab=256), tok, path)["accuracy"] == 1.0
+    text = tmp_path / "wiki.test.tokens"
+    text.write_bytes(b"a b c\n d \xff e\n")
+    for wikitext in (True, False):
+        with pytest.raises(ValueError, match=r"wiki.test.tokens:2: not UTF-8 text \(byte 0xff"):
+            evaluate_perplexity(ScriptedLM([]), tok, text, wikitext=wikitext, seq_length=16)
+
+
 def test_run_lm_eval_dispatcher(tmp_path: Path) -> None:
     """The `openglm eval` entry point: loads a checkpoint directory with its tokenizer, bf16 weights."""
     from openglm.tasks.lm_eval import run_lm_eval

@@ -99,6 +99,22 @@ def test_read_pairs_formats(tmp_path: Path) -> None:
         read_pairs(tmp_path, "test")
 
 
+def test_read_pairs_refuses_fields_that_are_not_text(tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    good = {"document": "a b", "summary": "c"}
+    for row, message in (
+        ({"document": 5, "summary": None}, r"bad.jsonl:3: field 'document' must be a string, got 5$"),
+        ({"document": "a b", "summary": None}, r"bad.jsonl:3: field 'summary' must be a string, got null$"),
+    ):
+        path.write_text(json.dumps(good) + "\n\n" + json.dumps(row) + "\n")
+        with pytest.raises(ValueError, match=message):
+            read_pairs(path)
+    (tmp_path / "train.source").write_bytes(b"a b\n\xfe\n")
+    (tmp_path / "train.target").write_text("A\nB\n")
+    with pytest.raises(ValueError, match=r"train.source:2: not UTF-8 text \(byte 0xfe"):
+        read_pairs(tmp_path, "train")
+
+
 def test_label_smoothing_matches_hand_computation() -> None:
     logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
     targets = torch.tensor([0, 1])

@@ -147,6 +147,9 @@ def test_record_train_examples_one_per_answer_with_seeded_negatives(tmp_path: Pa
     assert dev.meta["candidates"] == sorted(names) and dev.label == "1"
     a, b = record.pattern(dev, 0)
     assert [f.text for f in a][1:] == [" ", None, " met Beta."] and b == []
+    del row["qas"][0]["answers"]  # the test split has no answers: unlabelled, not wrong
+    test = record.read(_jsonl(tmp_path / "test.jsonl", [row]), "test")[0]
+    assert test.label is None and record.label_index(test, "test") == -1
 
 
 def test_every_task_reports_unknown_patterns_and_bad_rows(tmp_path: Path) -> None:
@@ -164,6 +167,27 @@ def test_every_task_reports_unknown_patterns_and_bad_rows(tmp_path: Path) -> Non
         get_task("cb").read(bad, "dev")
     with pytest.raises(FileNotFoundError):
         get_task("boolq").read(tmp_path / "nope.jsonl", "dev")
+
+
+@pytest.mark.parametrize("value", [None, 5, ["x"]])
+def test_text_fields_of_another_type_name_file_line_and_field(tmp_path: Path, value: object) -> None:
+    bad = tmp_path / "bad.jsonl"
+    good = {"premise": "p", "hypothesis": "h", "label": "entailment", "idx": 0}
+    bad.write_text(json.dumps(good) + "\n\n" + json.dumps({**good, "premise": value, "idx": 1}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:3: field 'premise' must be a string, got "):
+        get_task("rte").read(bad, "train")
+    bad.write_text(json.dumps(good) + "\n\n" + json.dumps({**good, "label": 0, "idx": 1}) + "\n")
+    rte = get_task("rte")
+    examples = rte.read(bad, "train")
+    assert [e.location for e in examples] == [f"{bad}:1", f"{bad}:3"]
+    with pytest.raises(
+        ValueError, match=r"bad.jsonl:3: label 0 is not one of \['entailment', 'not_entailment'\]"
+    ):
+        rte.label_index(examples[1], "train")
+    copa = {"premise": "p", "choice1": "a", "choice2": "b", "question": "cause", "label": "1"}
+    bad.write_text(json.dumps(copa) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: label '1' is not 0 or 1"):
+        get_task("copa").read(bad, "train")
 
 
 def test_official_defaults_per_task_and_recipe() -> None:

@@ -11,7 +11,7 @@ import pytest
 from openglm.atomic import write_text_atomic
 from openglm.config import GLMConfig
 from openglm.model import GLMModel
-from openglm.tasks.files import read_jsonl, row_field
+from openglm.tasks.files import line_of, read_jsonl, read_text, row_field, row_text
 from openglm.tasks.finetuning import BestDev, fit_keeping_best
 from openglm.train.settings import OptimSettings, TrainSettings
 from openglm.train.synthetic import SyntheticBatches
@@ -32,8 +32,31 @@ def test_read_jsonl_reports_file_and_line(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         read_jsonl(tmp_path / "missing.jsonl")
     assert row_field({"a": 1}, "a", path, 3) == 1
-    with pytest.raises(ValueError, match=r"row 3 has no field 'b' \(fields: \['a'\]\)"):
+    with pytest.raises(ValueError, match=r"rows.jsonl:3: the row has no field 'b' \(fields: \['a'\]\)"):
         row_field({"a": 1}, "b", path, 3)
+
+
+def test_rows_know_their_lines_and_bad_bytes_or_types_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"a": "x"}\n\n\n{"a": null, "b": 5}\n{"a": ""}\n')
+    rows = read_jsonl(path)
+    assert [line_of(rows, i) for i in range(3)] == [1, 4, 5]  # blank lines skipped, lines kept
+    assert [line_of(rows[1:], i) for i in range(2)] == [4, 5]  # `rows[:limit]` too
+    assert line_of([{}, {}], 1) == 2  # a plain list: the position
+    assert row_text(rows[0], "a", path, 1) == "x"
+    with pytest.raises(ValueError, match=r"rows.jsonl:4: field 'a' must be a string, got null$"):
+        row_text(rows[1], "a", path, 4)
+    with pytest.raises(ValueError, match=r"rows.jsonl:4: field 'b' must be a string, got 5$"):
+        row_text(rows[1], "b", path, 4)
+    with pytest.raises(ValueError, match=r"rows.jsonl:5: field 'a' is empty$"):
+        row_text(rows[2], "a", path, 5, empty=False)
+    path.write_bytes(b'{"a": "x"}\n{"a": "\xc3\x28"}\n')
+    with pytest.raises(ValueError, match=r"rows.jsonl:2: not UTF-8 text \(byte 0xc3 at offset 18\)"):
+        read_jsonl(path)
+    with pytest.raises(ValueError, match=r"rows.jsonl:2: not UTF-8 text"):
+        read_text(path)
+    with pytest.raises(FileNotFoundError, match="data file not found: .*nope.txt"):
+        read_text(tmp_path / "nope.txt")
 
 
 def test_write_text_atomic_replaces_and_leaves_no_temporary(tmp_path: Path) -> None:

@@ -429,9 +429,219 @@ def test_new_parameters_depend_on_the_seed_not_on_what_ran_before(tiny_dir: Path
         finetune(task=task, model=str(tiny_dir), out_dir=str(tmp_path / name), data=data, train=settings)
         return load_file(str(tmp_path / name / "checkpoints/step-00000001/model.safetensors"))
 
-    for data, kw in ((TaskData(mode="classifier"), {}), (TaskData(), {"lora_rank": 2})):
-        a, b = run("a", data, **kw), run("b", data, **kw)
+    for i, (data, kw) in enumerate(((TaskData(mode="classifier"), {}), (TaskData(), {"lora_rank": 2}))):
+        a, b = run(f"a{i}", data, **kw), run(f"b{i}", data, **kw)
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a)
-        c = run("c", data, seed=7, **kw)
+        c = run(f"c{i}", data, seed=7, **kw)
         assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: one-line errors naming file, line and field, before any training and without touching out_dir
+
+
+def _quick(**kw: Any) -> FinetuneSettings:
+    return FinetuneSettings(max_steps=1, batch_size=4, eval_every=1, progress=False, device="cpu", **kw)
+
+
+def test_unlabelled_training_and_dev_examples_are_refused_before_training(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    _write_data(tmp_path / "data", n_train=4, n_dev=2)
+    task = str(_task_yaml(tmp_path, CLOZE_YAML))
+    train = tmp_path / "data" / "train.jsonl"
+    rows = train.read_text().splitlines()
+    train.write_text("\n".join([rows[0], "", json.dumps({"review": "the plot"}), *rows[1:]]) + "\n")
+    out = tmp_path / "run"
+    with pytest.raises(
+        ValueError, match=r"train.jsonl:3: the train example has no label \(field 'sentiment'\)"
+    ):
+        finetune(task=task, model=str(tiny_dir), out_dir=str(out), train=_quick())
+    assert not out.exists()
+    _write_data(tmp_path / "data", n_train=4, n_dev=2)
+    dev = tmp_path / "data" / "dev.jsonl"
+    dev.write_text(dev.read_text() + json.dumps({"review": "the film", "sentiment": ""}) + "\n")
+    with pytest.raises(
+        ValueError, match=r"dev.jsonl:3: the dev example has no label .* select the best model"
+    ):
+        finetune(task=task, model=str(tiny_dir), out_dir=str(out), train=_quick())
+    assert not out.exists()  # refused before the first checkpoint, not after
+
+
+def test_table_rows_that_lose_or_gain_columns_are_refused(tmp_path: Path) -> None:
+    tsv_yaml = CLOZE_YAML.replace("train.jsonl", "train.tsv").replace("dev.jsonl", "dev.tsv")
+    task = load_task(_task_yaml(tmp_path, tsv_yaml))
+    (tmp_path / "data").mkdir()
+    table = tmp_path / "data" / "train.tsv"
+    table.write_text("review\tsentiment\nthe film was fun\t1\nthe plot was awful\n")
+    with pytest.raises(
+        ValueError, match=r"train.tsv:3: the row has 1 of the header's 2 columns, no \['sentiment'\]"
+    ):
+        task.read(table, "train")
+    table.write_text("review\tsentiment\nthe film\twas fun\t1\n")
+    with pytest.raises(
+        ValueError, match=r"train.tsv:2: the row has 3 columns but the header 2 \(a tab inside"
+    ):
+        task.read(table, "train")
+    table.write_text("review\tsentiment\n\nthe film was fun\t1\t\nthe plot\t\n")  # blank line, empty cells
+    rows = task.read(table, "train")
+    assert [(e.text_a, e.label, e.location) for e in rows] == [
+        ("the film was fun", "1", f"{table}:3"),
+        ("the plot", None, f"{table}:4"),  # an empty label cell is unlabelled
+    ]
+    task = load_task(_task_yaml(tmp_path, tsv_yaml.replace(".tsv", ".csv")))
+    table = tmp_path / "data" / "train.csv"
+    table.write_text('review,sentiment\n"the film, it was fun",1\n"the plot was awful,0\nso fun,1\n')
+    with pytest.raises(
+        ValueError, match=r"train.csv:3: .* \(an unterminated quote\? the row runs to line 4\)"
+    ):
+        task.read(table, "train")
+    table.write_text("review,sentiment,review\nthe film,1,fun\n")
+    with pytest.raises(
+        ValueError, match=r"train.csv:1: the header names column\(s\) \['review'\] more than once"
+    ):
+        task.read(table, "train")
+    table.write_bytes(b"review,sentiment\nthe film,1\nthe \xff plot,0\n")
+    with pytest.raises(ValueError, match=r"train.csv:3: not UTF-8 text \(byte 0xff"):
+        task.read(table, "train")
+
+
+def test_jsonl_text_fields_must_be_strings(tmp_path: Path) -> None:
+    _write_data(tmp_path / "data", 2, 2)
+    task = load_task(_task_yaml(tmp_path, CLOZE_YAML))
+    bad = tmp_path / "data" / "dev.jsonl"
+    for value, shown in ((5, "5"), (None, "null")):
+        bad.write_text(
+            json.dumps({"review": "x", "sentiment": "1"}) + "\n" + json.dumps({"review": value}) + "\n"
+        )
+        with pytest.raises(ValueError, match=rf"dev.jsonl:2: field 'review' must be text, got {shown}$"):
+            task.read(bad, "dev")
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("verbalizer: {\"0\": \" terrible\", \"1\": \" great\"}", 'verbalizer: {"0": " great", "1": " great"}',
+         r"field 'verbalizer' repeats the words \[' great'\]"),
+        ("verbalizer: {\"0\": \" terrible\", \"1\": \" great\"}", 'verbalizer: {"0": " terrible", "1": 5}',
+         r"field \"verbalizer\['1'\]\" must be a word"),
+        ("shortenable: true", 'shortenable: "no"', r"field 'pattern\[0\].shortenable' must be true or false, got 'no'"),
+        ("metrics: [accuracy, f1_macro]", "metrics: accuracy", r"field 'metrics' must be a list of metric names"),
+        ("max_seq_length: 32", 'max_seq_length: "abc"', r"field 'max_seq_length' must be an integer >= 1, got 'abc'"),
+        ("max_seq_length: 32", "max_seq_length: -5", r"field 'max_seq_length' must be an integer >= 1, got -5"),
+        ("max_seq_length: 32", "labels: \"01\"", r"field 'labels' must be a list of label values, got '01'"),
+        ("max_seq_length: 32", "defaults: {epochs: \"x\"}", r"field 'defaults.epochs' must be a positive integer"),
+        ("max_seq_length: 32", "defaults: {epochs: -1}", r"field 'defaults.epochs' must be a positive integer"),
+        ("max_seq_length: 32", "defaults: {batch_size: 0}", r"field 'defaults.batch_size' must be a positive"),
+        ("max_seq_length: 32", "loss_func: foo", r"loss_func='foo'; expected one of"),
+        ("max_seq_length: 32", "data: {train: a.jsonl}", r":12: invalid YAML: key 'data' is given twice"),
+    ],
+)  # fmt: skip
+def test_yaml_fields_of_the_wrong_type_name_the_file_and_field(
+    tmp_path: Path, old: str, new: str, message: str
+) -> None:
+    assert old in CLOZE_YAML
+    with pytest.raises(ValueError, match=r"task.yaml.*" + message):
+        load_task(_task_yaml(tmp_path, CLOZE_YAML.replace(old, new)))
+
+
+def test_label_words_that_are_not_one_token_get_advice_that_fits_the_task(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    from openglm.tasks.cloze import Example
+    from openglm.tasks.superglue import get_task
+    from openglm.tokenizer import GLMTokenizer
+
+    tok = GLMTokenizer.from_pretrained(tiny_dir)  # WordPiece over a handful of words: "yes" is 3 pieces
+    rte = Example("dev-0", "the movie was fun", "it was fun", "entailment")
+    with pytest.raises(ValueError, match="label word ' Yes' .* this built-in task needs a tokenizer"):
+        encode_example(get_task("rte"), rte, tok, max_seq_length=32)
+    _write_data(tmp_path / "data", 2, 2)
+    task = load_task(_task_yaml(tmp_path, CLOZE_YAML.replace('" great"', '" great fun"')))
+    example = task.read(task.split_path("dev"), "dev")[0]
+    with pytest.raises(ValueError, match="encodes to 2 tokens .* go in 'choices' instead of 'verbalizer'"):
+        encode_example(task, example, tok)
+    # " great" and "great" are different strings but one WordPiece token
+    task = load_task(_task_yaml(tmp_path, CLOZE_YAML.replace('" terrible"', '"great"')))
+    with pytest.raises(ValueError, match="label words 'great' and ' great', which are the same token"):
+        encode_example(task, example, tok)
+
+
+def test_rows_longer_than_the_model_positions_are_refused_up_front(tiny_dir: Path, tmp_path: Path) -> None:
+    _write_data(tmp_path / "data", 4, 2)
+    task = str(_task_yaml(tmp_path, CLOZE_YAML))
+    message = (
+        r"inputs of 100 tokens \(--data.max_seq_length\) do not fit the model's max_sequence_length 64; pass"
+    )
+    with pytest.raises(ValueError, match=message):
+        finetune(
+            task=task, model=str(tiny_dir), out_dir=str(tmp_path / "r"), data=TaskData(max_seq_length=100)
+        )
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(ValueError, match=message):
+        evaluate(task=task, model=str(tiny_dir), data=TaskData(max_seq_length=100), device="cpu")
+    long_yaml = CLOZE_YAML.replace("max_seq_length: 32", "max_seq_length: 256")
+    with pytest.raises(ValueError, match="inputs of 256 tokens .task toy_sentiment's max_seq_length."):
+        evaluate(task=str(_task_yaml(tmp_path, long_yaml)), model=str(tiny_dir), device="cpu")
+
+
+def test_a_finished_run_is_not_overwritten_without_resume(tiny_dir: Path, tmp_path: Path) -> None:
+    _write_data(tmp_path / "data", 4, 2)
+    task = str(_task_yaml(tmp_path, CLOZE_YAML))
+    out = tmp_path / "run"
+    finetune(task=task, model=str(tiny_dir), out_dir=str(out), train=_quick())
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(
+        ValueError, match=r"already holds a fine-tuning run .* --train.resume true, or pick another"
+    ):
+        finetune(task=task, model=str(tiny_dir), out_dir=str(out), train=_quick())
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    (tmp_path / "afile").write_text("keep me")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        finetune(task=task, model=str(tiny_dir), out_dir=str(tmp_path / "afile"), train=_quick())
+    assert (tmp_path / "afile").read_text() == "keep me"
+
+
+def test_eval_of_unlabelled_splits_and_bad_arguments(
+    tiny_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _write_data(tmp_path / "data", 2, 3)
+    task = str(_task_yaml(tmp_path, CLOZE_YAML))
+    dev = tmp_path / "data" / "dev.jsonl"
+    rows = [json.loads(line) for line in dev.read_text().splitlines()]
+    dev.write_text(
+        "".join(json.dumps(r if i != 1 else {"review": r["review"]}) + "\n" for i, r in enumerate(rows))
+    )
+    with pytest.raises(
+        ValueError, match=r"dev.jsonl:2: the dev example has no label .* 2 of the 3 dev examples"
+    ):
+        evaluate(task=task, model=str(tiny_dir), device="cpu", progress=False)
+    dev.write_text("".join(json.dumps({"review": r["review"]}) + "\n" for r in rows))  # a test split
+    with caplog.at_level("INFO"):
+        result = evaluate(
+            task=task, model=str(tiny_dir), device="cpu", progress=False, output=str(tmp_path / "p.json")
+        )
+    assert "accuracy" not in result and result["examples"] == 3
+    assert "no labels, so no metrics; writing predictions only" in caplog.text
+    assert len(json.loads((tmp_path / "p.json").read_text())["predictions"]) == 3
+    for size in (0, -2):
+        with pytest.raises(ValueError, match=f"--batch_size {size}: must be a positive"):
+            evaluate(task=task, model=str(tiny_dir), device="cpu", batch_size=size)
+    for call in (evaluate, lambda **kw: finetune(out_dir=str(tmp_path / "o"), **kw)):
+        with pytest.raises(FileNotFoundError, match="model directory not found: .*nosuchdir"):
+            call(task=task, model=str(tmp_path / "nosuchdir"))
+        with pytest.raises(FileNotFoundError, match="model directory not found"):
+            call(task="lambada" if call is evaluate else "yahoo", model=str(tmp_path / "nosuchdir"))
+
+
+def test_help_lists_every_accepted_task() -> None:
+    from openglm.tasks.run import INFILLING_TASKS, LM_EVAL_TASKS, SEQ2SEQ_TASKS
+    from openglm.tasks.superglue import TASKS
+
+    for fn, extra in ((finetune, ()), (evaluate, LM_EVAL_TASKS)):
+        doc = " ".join((fn.__doc__ or "").split())
+        task_help = doc[doc.index("task:") : doc.index("model:")]
+        for name in (*TASKS, *SEQ2SEQ_TASKS, *INFILLING_TASKS, *extra, ".yaml"):
+            assert f"`{name}`" in task_help, (fn.__name__, name)
+    assert "seq2seq" in (finetune.__doc__ or "").splitlines()[0]

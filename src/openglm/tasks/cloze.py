@@ -47,6 +47,7 @@ class Example:
         label: the raw label value, an element of the task's `label_list` (None when unlabelled).
         meta: task-specific extras (choices, answers, candidate entities, the WiC word, ...).
         idx: the dataset's own index (int, or a list for MultiRC).
+        location: where the example was read from, `file:line`, for error messages ("" when not from a file).
     """
 
     guid: str
@@ -55,6 +56,11 @@ class Example:
     label: Any = None
     meta: dict[str, Any] = field(default_factory=dict)
     idx: Any = None
+    location: str = ""
+
+    def where(self, task_name: str) -> str:
+        """The example's file and line, or the task and guid when it was not read from a file."""
+        return self.location or f"task {task_name}: example {self.guid}"
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,8 @@ class ClozeTask:
         length_penalty: multi-token scores are divided by |answer|**length_penalty when > 0.
         loss_func: default loss (`cross_entropy`, `hinge`, `generative`, `mix`).
         metrics: names understood by `openglm.tasks.metrics.compute_metrics`.
+        label_field: the data field holding the label, for messages about unlabelled examples.
+        label_word_advice: what to do when a label word is not one token of the tokenizer.
     """
 
     name: str = "task"
@@ -100,6 +108,12 @@ class ClozeTask:
     length_penalty: float = 0.0
     loss_func: str = "cross_entropy"
     metrics: tuple[str, ...] = ("accuracy",)
+    label_field: str = "label"
+    # A built-in task's label words are fixed by the official patterns, so only the tokenizer can change.
+    label_word_advice: str = (
+        "this built-in task needs a tokenizer that has each of its label words as one token (the official GLM "
+        "tokenizers do); another --data.pattern_id may use other words"
+    )
 
     def read(self, path: str, split: str) -> list[Example]:
         """Read the examples of one split from `path`."""
@@ -129,8 +143,7 @@ class ClozeTask:
             return self.label_list.index(example.label)
         except ValueError:
             raise ValueError(
-                f"task {self.name}: example {example.guid} has label {example.label!r}, "
-                f"expected one of {self.label_list}"
+                f"{example.where(self.name)}: label {example.label!r} is not one of {self.label_list}"
             ) from None
 
     def predict(self, example: Example, scores: Sequence[float]) -> int:
@@ -362,10 +375,20 @@ def verbalizer_ids(task: ClozeTask, tokenizer: Tokenizer, pattern_id: int) -> li
         enc = tokenizer.encode(word)
         if len(enc) != 1:
             raise ValueError(
-                f"task {task.name}: label word {word!r} of label {label!r} encodes to {len(enc)} tokens {enc}; "
-                "single-token cloze needs exactly one (use multi-token choices instead)"
+                f"task {task.name}: label word {word!r} of label {label!r} encodes to {len(enc)} tokens {enc} "
+                f"with this tokenizer, but a label word must be exactly one token; {task.label_word_advice}"
             )
         ids.append(enc[0])
+    # Labels whose words are one token (" great" and "great" for a lower-casing WordPiece) get one score.
+    for i, token in enumerate(ids):
+        if token in ids[:i]:
+            j = ids.index(token)
+            words = task.verbalizer(pattern_id)
+            raise ValueError(
+                f"task {task.name}: labels {task.label_list[j]!r} and {task.label_list[i]!r} have label words "
+                f"{words[j]!r} and {words[i]!r}, which are the same token {token}; the model could not tell "
+                "them apart"
+            )
     return ids
 
 

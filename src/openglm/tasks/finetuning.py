@@ -47,6 +47,68 @@ class BestDev:
     metrics: dict[str, float] | None = None
 
 
+# What a fine-tuning run leaves in its out_dir: the training loop's log and checkpoints, the kept model and the
+# report. A new run would delete the log and mix its checkpoints and best model with the old run's.
+RUN_FILES = ("metrics.jsonl", "checkpoints", "best", "metrics.json")
+
+
+def check_run_dir(out_dir: str | os.PathLike, resume: bool) -> None:
+    """Refuse an out_dir that is a file, or that holds an earlier run unless resuming it.
+
+    Called before anything is loaded or written, so that a refused run leaves the folder as it was.
+
+    Args:
+        out_dir: the run directory.
+        resume: whether the run continues the one in `out_dir` (`--train.resume true`).
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"out_dir {out} is a file, not a folder; pick another --out_dir")
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and not resume:
+        raise ValueError(
+            f"out_dir {out} already holds a fine-tuning run ({', '.join(found)}); continue it with "
+            "--train.resume true, or pick another --out_dir"
+        )
+
+
+def restore_progress(out: Path, key_metric: str, best: BestDev, metric_prefix: str = "") -> int:
+    """On resume: the step of the newest checkpoint (0 without one), and the best dev evaluation so far from
+    metrics.jsonl put into `best`, so that a resumed run keeps a better earlier `best/` instead of overwriting it.
+
+    Args:
+        out: the run directory.
+        key_metric: the metric that selects the best model.
+        best: filled in place.
+        metric_prefix: the prefix of the dev metrics in metrics.jsonl (`dev_` for classification).
+
+    Returns:
+        The step the run resumes at.
+    """
+    from openglm.train.checkpoint import latest_checkpoint
+    from openglm.train.loop import METRICS_NAME
+
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is None:
+        return 0
+    done = int(checkpoint.name.split("-")[-1])
+    history = out / METRICS_NAME
+    if not (history.is_file() and best.directory.is_dir()):
+        return done
+    for line in history.read_text().splitlines():
+        row = json.loads(line) if line.strip() else {}
+        value = row.get(f"{metric_prefix}{key_metric}")
+        if value is not None and row["step"] <= done and (best.value is None or value > best.value):
+            best.value, best.step = value, row["step"]
+            # Evaluations are rows of their own in metrics.jsonl, apart from the training-loss rows.
+            best.metrics = {
+                k.removeprefix(metric_prefix): v
+                for k, v in row.items()
+                if k != "step" and k.startswith(metric_prefix)
+            }
+    return done
+
+
 def save_model_dir(model: nn.Module, tokenizer: Any, directory: Path) -> None:
     """Write model + tokenizer into `directory`, replacing it only once the new copy is complete.
 
@@ -235,6 +297,7 @@ def finetune_generation(
     seed: int,
     progress: bool,
     lora: LoRASettings | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune for generation (seq2seq, text infilling) with the label-smoothed loss and the official linear
     schedule, keep the best dev model in `out_dir/best` and write the summary to `out_dir/metrics.json`.
@@ -260,6 +323,7 @@ def finetune_generation(
         seed: seed of initialisation, dropout and data order.
         progress: show progress bars.
         lora: train LoRA adapters instead of every weight (None: full fine-tuning).
+        resume: continue from the newest checkpoint in `out_dir`, keeping its best model unless beaten.
 
     Returns:
         `{"step", "train_loss", "dev": best dev metrics ({} without dev data), "best": model directory}`.
@@ -278,6 +342,15 @@ def finetune_generation(
         progress=progress,
     )
     optim = OptimSettings(lr=lr, weight_decay=weight_decay, schedule="linear", warmup=warmup)
+    best = BestDev(out_dir / "best")
+    # `fit` tells the evaluation no step, so the micro-batches are counted to date a new best model.
+    micro_batches = [restore_progress(out_dir, key_metric, best) * grad_accum if resume else 0]
+    smoothed = smoothed_loss_fn(label_smoothing)
+
+    def loss_fn(net: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+        micro_batches[0] += 1
+        return smoothed(net, batch)
+
     result, best = fit_keeping_best(
         model,
         tokenizer,
@@ -287,7 +360,10 @@ def finetune_generation(
         run_dir=out_dir,
         evaluate=evaluate,
         key_metric=key_metric,
-        loss_fn=smoothed_loss_fn(label_smoothing),
+        loss_fn=loss_fn,
+        resume=resume,
+        best=best,
+        step_fn=lambda: micro_batches[0] // grad_accum,
         lora=lora,
     )
     summary = {

@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from openglm import parallel
 from openglm.atomic import write_text_atomic
 from openglm.lora import LoRASettings
-from openglm.tasks.files import find_split_file, split_file_names
-from openglm.tasks.finetuning import finetune_generation
+from openglm.tasks.files import find_split_file, line_of, read_jsonl, read_text, row_text, split_file_names
+from openglm.tasks.finetuning import check_run_dir, finetune_generation
 from openglm.tasks.lm_eval import Sample, collate
 
 logger = logging.getLogger(__name__)
@@ -43,18 +43,11 @@ def read_documents(path: str | os.PathLike, limit: int | None = None, split: str
                 f"{path}: no {split} file ({split_file_names(split, ('.txt', '.jsonl'))})"
             )
         path = found
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
     if path.suffix == ".jsonl":
-        from openglm.tasks.files import read_jsonl
-
-        docs = []
-        for n, row in enumerate(read_jsonl(path), 1):
-            if "text" not in row:
-                raise ValueError(f"{path}: row {n} has no field 'text'")
-            docs.append(str(row["text"]))
+        rows = read_jsonl(path)
+        docs = [row_text(row, "text", path, line_of(rows, i)) for i, row in enumerate(rows)]
     else:
-        docs = path.read_text(encoding="utf-8").splitlines()
+        docs = read_text(path).splitlines()
     docs = [d.strip() for d in docs if d.strip()][:limit]
     if not docs:
         raise ValueError(f"{path}: no documents")
@@ -346,6 +339,7 @@ def finetune_infilling(
     seed: int = 1234,
     progress: bool = True,
     lora: LoRASettings | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune a GLM for text infilling with the shared training loop, then score BLEU on dev (spec D.8).
 
@@ -377,6 +371,8 @@ def finetune_infilling(
         seed: seed of initialisation, dropout, blanks and data order.
         progress: show progress bars.
         lora: train LoRA adapters on the frozen GLM instead of every weight (None: full fine-tuning).
+        resume: continue the run in `out_dir` from its newest checkpoint (an earlier run there is refused
+            otherwise).
 
     Returns:
         `{"step", "train_loss", "dev": {...}, "best": path}`.
@@ -384,13 +380,11 @@ def finetune_infilling(
     from openglm.model import GLMModel
     from openglm.tokenizer import GLMTokenizer
 
+    check_run_dir(out_dir, resume)
     out = Path(out_dir)
     tokenizer = GLMTokenizer.from_pretrained(tokenizer_dir or model_dir)
     model = GLMModel.from_pretrained(model_dir)
-    if src_seq_length > model.config.max_sequence_length:
-        raise ValueError(
-            f"src_seq_length={src_seq_length} exceeds the model's {model.config.max_sequence_length}"
-        )
+    check_src_length(src_seq_length, model)
     batches = InfillingBatches(
         read_documents(train_data, train_limit, "train"),
         tokenizer,
@@ -434,7 +428,18 @@ def finetune_infilling(
         seed=seed,
         progress=progress,
         lora=lora,
+        resume=resume,
     )
+
+
+def check_src_length(src_seq_length: int, model: nn.Module) -> None:
+    """Refuse rows longer than the model's position table, which would index past it."""
+    limit = model.config.max_sequence_length
+    if src_seq_length > limit:
+        raise ValueError(
+            f"src_seq_length={src_seq_length} exceeds the model's max_sequence_length {limit}; pass "
+            f"--data.max_seq_length {limit} (or less)"
+        )
 
 
 def run_infilling_eval(
@@ -473,6 +478,7 @@ def run_infilling_eval(
     documents = read_documents(data, limit, split)
     device = str(parallel.init_distributed(device).device)  # under torchrun: this rank's GPU
     model, tokenizer = load_model_and_tokenizer(model_dir, tokenizer_dir, device)
+    check_src_length(src_seq_length, model)
     return evaluate_infilling(
         model, tokenizer, data, mask_ratio, src_seq_length, seed, batch_size, limit, output, documents
     )

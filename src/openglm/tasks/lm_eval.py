@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from openglm import parallel
-from openglm.tasks.files import read_jsonl, row_field
+from openglm.tasks.files import line_of, read_jsonl, read_text, row_field, row_text
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +48,15 @@ def default_mask_id(tokenizer: Any, kind: str = "generation") -> int:
 
 
 def lambada_text(row: dict[str, Any], path: Path = Path("<row>"), n: int = 0) -> str:
-    """The full passage of a LAMBADA row: `{"text"}`, or `{"prompt", "label"}` joined by one space."""
+    """The full passage of a LAMBADA row: `{"text"}`, or `{"prompt", "label"}` joined by one space.
+
+    The answer is the passage's last whitespace word, so an empty label would quietly make the prompt's last
+    word the answer; it is refused. (A few official labels span a line break, "of\n\nPower": as officially,
+    only their last word is scored.)
+    """
     if "text" in row:
-        return str(row["text"])
-    return str(row_field(row, "prompt", path, n)) + " " + str(row_field(row, "label", path, n))
+        return row_text(row, "text", path, n, empty=False)
+    return row_text(row, "prompt", path, n, empty=False) + " " + row_text(row, "label", path, n, empty=False)
 
 
 def lambada_split(text: str, tokenizer: Any) -> tuple[list[int], list[int]]:
@@ -279,12 +284,13 @@ def read_lm_documents(path: str | os.PathLike, tokenizer: Any, wikitext: bool) -
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     if wikitext:
-        raw = path.read_text(encoding="utf-8")
+        raw = read_text(path)
         return [tokenizer.encode(wikitext_detokenize(raw))], count_words(raw)
     if path.suffix == ".jsonl":
-        lines = [str(row_field(row, "text", path, n)) for n, row in enumerate(read_jsonl(path), 1)]
+        rows = read_jsonl(path)
+        lines = [row_text(row, "text", path, line_of(rows, i)) for i, row in enumerate(rows)]
     else:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = read_text(path).splitlines()
     lines = [line for line in lines if line.strip()]
     if not lines:
         raise ValueError(f"{path}: no text to evaluate")
@@ -393,8 +399,8 @@ def evaluate_lambada(
     if not rows:
         raise ValueError(f"{path}: no LAMBADA rows")
     samples = []
-    for n, row in enumerate(rows, 1):
-        ctx, ans = lambada_split(lambada_text(row, path, n), tokenizer)
+    for i, row in enumerate(rows):
+        ctx, ans = lambada_split(lambada_text(row, path, line_of(rows, i)), tokenizer)
         samples.append(
             lambada_sample(ctx, ans, tokenizer, seq_length=seq_length, unidirectional=unidirectional)
         )
@@ -627,19 +633,18 @@ def evaluate_multichoice(
     flat: list[Sample] = []
     owners: list[int] = []
     labels: list[int] = []
-    for n, row in enumerate(rows, 1):
+    for i, row in enumerate(rows):
+        n = line_of(rows, i)
         choices = row_field(row, "choices_pretokenized", path, n)
         label = row_field(row, "label", path, n)
-        if not isinstance(choices, list) or not choices:
-            raise ValueError(f"{path}: row {n} field 'choices_pretokenized' must be a non-empty list")
-        if not isinstance(label, int) or not 0 <= label < len(choices):
-            raise ValueError(
-                f"{path}: row {n} label={label!r} is not an index into its {len(choices)} choices"
-            )
-        context = str(row_field(row, "inputs_pretokenized", path, n))
+        if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
+            raise ValueError(f"{path}:{n}: field 'choices_pretokenized' must be a non-empty list of strings")
+        if type(label) is not int or not 0 <= label < len(choices):
+            raise ValueError(f"{path}:{n}: label={label!r} is not an index into its {len(choices)} choices")
+        context = row_text(row, "inputs_pretokenized", path, n)
         for s in multichoice_samples(context, choices, tokenizer, unidirectional, seq_length):
             flat.append(s)
-            owners.append(n - 1)
+            owners.append(i)
         labels.append(label)
 
     def choice_scores(share: Sequence[Sample]) -> list[float]:

@@ -1,6 +1,10 @@
 """`openglm finetune` and `openglm eval` (issue 7, spec D.2-D.6): full fine-tuning of a GLM checkpoint on a
 classification task (cloze or classifier head) with the shared training loop, keeping the best-dev model and
 writing a metrics JSON; zero-shot LM, seq2seq and infilling task names are handed to their own modules.
+
+Input is checked before any training: a missing model folder, an out_dir holding an earlier run, unlabelled
+training or dev examples and rows longer than the model's positions are one-line errors up front, so that a
+run never fails after hours of training and never overwrites what the user had.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from openglm.tasks.cloze import (
     encode_example,
     filled_pattern_tokens,
 )
-from openglm.tasks.finetuning import BestDev, fit_keeping_best
+from openglm.tasks.finetuning import BestDev, check_run_dir, fit_keeping_best, restore_progress
 from openglm.tasks.metrics import compute_metrics
 from openglm.tasks.superglue import SPLIT_FILES, TASKS, SuperGLUETask, get_task
 
@@ -254,6 +258,61 @@ def load_examples(task: ClozeTask, data: TaskData, split: str, limit: int | None
     if not examples:
         raise ValueError(f"task {task.name}: split {split} ({split_file(task, data, split)}) has no examples")
     return examples[:limit] if limit else examples
+
+
+def check_labels(task: ClozeTask, examples: Sequence[Example], split: str, required: bool) -> bool:
+    """Whether the examples are labelled: all of them (True) or none (False, a test split to predict).
+
+    Training and dev examples must all be labelled (`required`): an unlabelled one has no loss and cannot
+    select a best model. A split with some labels and not others is refused too, as scoring only part of it
+    would report a metric of a different set. Both errors name the first unlabelled example's file and line.
+    Bad label values (not in the task's label list) are reported here as well, before any training.
+
+    Args:
+        task: the task.
+        examples: the split's examples.
+        split: `train`, `dev` or `test`.
+        required: every example must be labelled.
+
+    Returns:
+        True when every example is labelled, False when none is.
+    """
+    unlabelled = [e for e in examples if task.label_index(e, split) < 0]
+    if not unlabelled:
+        return True
+    if required or len(unlabelled) < len(examples):
+        first = unlabelled[0]
+        if not required:
+            others = len(examples) - len(unlabelled)
+            why = (
+                f"{others} of the {len(examples)} {split} examples have one; label them all, or none to get "
+                "predictions only"
+            )
+        elif split == "train":
+            why = "training needs every example labelled"
+        else:
+            why = f"the {split} examples select the best model, so each needs one"
+        raise ValueError(
+            f"{first.where(task.name)}: the {split} example has no label (field {task.label_field!r}); {why}"
+        )
+    return False
+
+
+def check_positions(net: nn.Module, max_len: int, task: ClozeTask, data: TaskData) -> None:
+    """Refuse rows longer than the model's position table up front (they would index past it mid-run)."""
+    limit = net.config.max_sequence_length
+    if max_len > limit:
+        origin = "--data.max_seq_length" if data.max_seq_length else f"task {task.name}'s max_seq_length"
+        raise ValueError(
+            f"inputs of {max_len} tokens ({origin}) do not fit the model's max_sequence_length {limit}; "
+            f"pass --data.max_seq_length {limit} (or less)"
+        )
+
+
+def check_model_dir(model: str | os.PathLike) -> None:
+    """A missing model folder is named as such (else the tokenizer, looked for in it first, is blamed)."""
+    if not Path(model).exists():
+        raise FileNotFoundError(f"model directory not found: {model}")
 
 
 def multi_task_samples(entries: Sequence[str], tokenizer: Any, max_length: int) -> list[np.ndarray]:
@@ -608,17 +667,20 @@ def finetune(
     data: TaskData = DEFAULT_DATA,
     train: FinetuneSettings = DEFAULT_TRAIN,
 ) -> dict[str, Any]:
-    """Fine-tune a GLM checkpoint on a classification task and keep the best-dev model.
+    """Fine-tune a GLM on a classification, seq2seq or text-infilling task and keep the best-dev model.
 
-    Cloze mode turns every example into a blank-infilling question (spec D.2); classifier mode trains the
-    pooled head baseline (D.4). The output directory receives `best/` (model + tokenizer of the best dev
+    Classification: cloze mode turns every example into a blank-infilling question (spec D.2); classifier mode
+    trains the pooled head baseline (D.4). Seq2seq (`xsum`, `cnn_dm`, `gigaword`, `seq2seq`) and text infilling
+    (`blank`, `yahoo`) are fine-tuned by their own modules (data: `--data.data_dir` or
+    `--data.train_file`/`--data.dev_file`); the settings given explicitly are passed on, the rest keep those
+    modules' official defaults. The output directory receives `best/` (model + tokenizer of the best dev
     evaluation), `metrics.json` (dev/test metrics, settings), the loop's `metrics.jsonl` and its resumable
-    checkpoints. Seq2seq (`xsum`, `cnn_dm`, `gigaword`, `seq2seq`) and text infilling (`blank`, `yahoo`) are
-    fine-tuned by their own modules (data: `--data.data_dir` or `--data.train_file`/`--data.dev_file`);
-    the settings given explicitly are passed on, the rest keep those modules' official defaults.
+    checkpoints; an out_dir that already holds a run is only continued with `--train.resume true`.
 
     Args:
-        task: `rte`, `cb`, `boolq`, `wic`, `multirc`, `copa`, `wsc`, `record`, or a task `.yaml` file.
+        task: a SuperGLUE task (`rte`, `cb`, `boolq`, `wic`, `multirc`, `copa`, `wsc`, `record`), a task
+            `.yaml` file, a seq2seq task (`xsum`, `cnn_dm`, `gigaword`, `seq2seq`) or text infilling
+            (`blank`, `yahoo`).
         model: checkpoint directory (`GLMModel.from_pretrained`), normally carrying its tokenizer.
         out_dir: output directory.
         tokenizer: tokenizer directory when `model` has none.
@@ -628,7 +690,11 @@ def finetune(
     Returns:
         The contents of `metrics.json`.
     """
-    if task.lower() in SEQ2SEQ_TASKS + INFILLING_TASKS + LM_EVAL_TASKS:
+    if task.lower() in LM_EVAL_TASKS:
+        raise ValueError(f"task {task!r} is a zero-shot evaluation; use `openglm eval --task {task}`")
+    check_model_dir(model)
+    check_run_dir(out_dir, train.resume)
+    if task.lower() in SEQ2SEQ_TASKS + INFILLING_TASKS:
         return _dispatch_finetune(task.lower(), model, out_dir, tokenizer, data, train)
     from openglm.train.loop import glm_loss
     from openglm.train.settings import OptimSettings, TrainSettings
@@ -650,6 +716,16 @@ def finetune(
 
     train_examples = load_examples(t, data, "train", data.max_train_examples)
     dev_examples = load_examples(t, data, "dev", data.max_eval_examples)
+    check_labels(t, train_examples, "train", required=True)
+    check_labels(t, dev_examples, "dev", required=True)
+    # The test split is read now, not after training, so that a broken file fails before the run.
+    test_examples = (
+        load_examples(t, data, "test", data.max_eval_examples) if has_split(t, data, "test") else None
+    )
+    test_labelled = test_examples is not None and check_labels(t, test_examples, "test", required=False)
+    if test_examples is not None and not test_labelled:
+        logger.info("%s test: no labels; it is not scored", t.name)
+    check_positions(net, data.max_seq_length or t.max_seq_length, t, data)
     train_samples = encode_all(t, train_examples, tok, data, "train")
     dev_samples = encode_all(t, dev_examples, tok, data, "dev")
     net = attach_prompts(net, train_samples, data, train)
@@ -672,7 +748,7 @@ def finetune(
     best = BestDev(out / BEST_DIR)
     key_metric = t.metrics[0]
     if train.resume:
-        _restore_progress(out, key_metric, counter, best)
+        counter["micro_batches"] = restore_progress(out, key_metric, best, "dev_")
 
     def loss_fn(m: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         counter["micro_batches"] += 1
@@ -688,12 +764,7 @@ def finetune(
         scores = predict_scores(
             m, dev_samples, data.mode, length_penalty, train.eval_batch_size, train.progress
         )
-        metrics = score_examples(t, dev_examples, scores, "dev")
-        if not metrics:
-            raise ValueError(
-                f"task {t.name}: the dev split has unlabelled examples; cannot select a best model"
-            )
-        return metrics
+        return score_examples(t, dev_examples, scores, "dev")
 
     settings = TrainSettings(
         max_steps=max_steps,
@@ -759,8 +830,7 @@ def finetune(
     }
     # Every rank scores its share of the test split with the kept model (rank 0 saved it to the run
     # directory, which all ranks share as they share checkpoints); rank 0 writes the report.
-    if parallel.broadcast_object(has_split(t, data, "test") and (out / BEST_DIR).is_dir()):
-        test_examples = load_examples(t, data, "test", data.max_eval_examples)
+    if parallel.broadcast_object(test_labelled and (out / BEST_DIR).is_dir()) and test_examples is not None:
         best_model = load_model(out / BEST_DIR, t, data, device)
         scores = predict_scores(
             best_model,
@@ -791,13 +861,16 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate a (fine-tuned) checkpoint on a task split.
 
-    Classification tasks are scored as in fine-tuning (a directory saved in classifier mode is detected).
-    Zero-shot LM task names (`lambada`, `wikitext`, `perplexity`, `multichoice`; the data file is
+    Classification tasks are scored as in fine-tuning (a directory saved in classifier mode is detected); a
+    split without labels (a test file) gives predictions only (`--output`), and one with some labels missing
+    is refused. Zero-shot LM task names (`lambada`, `wikitext`, `perplexity`, `multichoice`; the data file is
     `--data.data_dir`), seq2seq (`xsum`, `cnn_dm`, `gigaword`: summarization layout; `seq2seq`: "source
     [gMASK]") and text infilling (`blank`, `yahoo`) are handed to their modules.
 
     Args:
-        task: a task name or a task `.yaml` file.
+        task: a SuperGLUE task (`rte`, `cb`, `boolq`, `wic`, `multirc`, `copa`, `wsc`, `record`), a task
+            `.yaml` file, zero-shot LM (`lambada`, `wikitext`, `perplexity`, `multichoice`), seq2seq
+            (`xsum`, `cnn_dm`, `gigaword`, `seq2seq`) or text infilling (`blank`, `yahoo`).
         model: checkpoint directory.
         tokenizer: tokenizer directory when `model` has none.
         data: data and input settings.
@@ -812,6 +885,9 @@ def evaluate(
     """
     if split not in SPLIT_FILES:
         raise ValueError(f"--split {split!r}: expected one of {list(SPLIT_FILES)}")
+    if batch_size <= 0:
+        raise ValueError(f"--batch_size {batch_size}: must be a positive number of examples per forward pass")
+    check_model_dir(model)
     # Under torchrun each rank scores its share of the examples on its own device; rank 0 writes `output`.
     device = str(parallel.init_distributed(device).device)
     name = task.lower()
@@ -827,12 +903,22 @@ def evaluate(
         _check_vocab(net, tok, model)
         length_penalty = t.length_penalty if data.length_penalty is None else data.length_penalty
         examples = load_examples(t, data, split, data.max_eval_examples)
+        check_positions(net, data.max_seq_length or t.max_seq_length, t, data)
+        labelled = check_labels(t, examples, split, required=False)
+        if not labelled:
+            logger.info(
+                "%s %s: no labels, so no metrics; %s",
+                t.name,
+                split,
+                "writing predictions only" if output else "pass --output FILE to save the predictions",
+            )
         samples = encode_all(t, examples, tok, data, split)
         if data.mode == "cloze":
             net = attach_prompts(net, samples, data)
         scores = predict_scores(net, samples, data.mode, length_penalty, batch_size, progress)
         result = {"task": t.name, "split": split, "mode": data.mode, "examples": len(examples)}
-        result.update(score_examples(t, examples, scores, split))
+        if labelled:
+            result.update(score_examples(t, examples, scores, split))
         if output and parallel.is_main():
             preds = [
                 {"guid": e.guid, "prediction": t.predict(e, s), "scores": [round(float(x), 6) for x in s]}
@@ -843,28 +929,6 @@ def evaluate(
     if output and parallel.is_main():
         write_json(Path(output), result)
     return result
-
-
-def _restore_progress(out: Path, key_metric: str, counter: dict[str, int], best: BestDev) -> None:
-    """On resume: the step count from the newest checkpoint and the best dev score so far from metrics.jsonl,
-    so that a resumed run keeps a better earlier `best/` instead of overwriting it."""
-    from openglm.train.checkpoint import latest_checkpoint
-    from openglm.train.loop import METRICS_NAME
-
-    checkpoint = latest_checkpoint(out)
-    if checkpoint is None:
-        return
-    done = int(checkpoint.name.split("-")[-1])
-    counter["micro_batches"] = done
-    history = out / METRICS_NAME
-    if not (history.is_file() and (out / BEST_DIR).is_dir()):
-        return
-    for line in history.read_text().splitlines():
-        row = json.loads(line) if line.strip() else {}
-        value = row.get(f"dev_{key_metric}")
-        if value is not None and row["step"] <= done and (best.value is None or value > best.value):
-            best.value, best.step = value, row["step"]
-            best.metrics = {k.removeprefix("dev_"): v for k, v in row.items() if k.startswith("dev_")}
 
 
 def _check_vocab(net: nn.Module, tok: Any, model_dir: str | os.PathLike) -> None:
@@ -968,7 +1032,7 @@ def _dispatch_finetune(
     }
     kwargs: dict[str, Any] = {k: v for k, v in chosen.items() if v is not None}
     kwargs.update(precision=train.precision, device=train.device, seed=train.seed, progress=train.progress)
-    kwargs["lora"] = train.lora()
+    kwargs.update(lora=train.lora(), resume=train.resume)
     train_data = _lm_data_path(data, task, "train")
     dev_data = data.dev_file or (data.data_dir if data.data_dir and Path(data.data_dir).is_dir() else None)
     if task in SEQ2SEQ_TASKS:

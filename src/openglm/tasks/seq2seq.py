@@ -24,8 +24,8 @@ from torch import Tensor, nn
 from openglm import parallel
 from openglm.atomic import write_text_atomic
 from openglm.lora import LoRASettings
-from openglm.tasks.files import find_split_file, read_jsonl, split_file_names
-from openglm.tasks.finetuning import finetune_generation
+from openglm.tasks.files import find_split_file, line_of, read_jsonl, read_text, row_text, split_file_names
+from openglm.tasks.finetuning import check_run_dir, finetune_generation
 from openglm.tasks.lm_eval import Sample, collate, default_mask_id, two_part_row
 
 logger = logging.getLogger(__name__)
@@ -74,8 +74,8 @@ def read_pairs(
         if jsonl is not None:
             path = jsonl
         elif src is not None and tgt is not None and tgt.is_file():
-            sources = src.read_text(encoding="utf-8").splitlines()
-            targets = tgt.read_text(encoding="utf-8").splitlines()
+            sources = read_text(src).splitlines()
+            targets = read_text(tgt).splitlines()
             if len(sources) != len(targets):
                 raise ValueError(f"{src} has {len(sources)} lines but {tgt} has {len(targets)}")
             return [(s.strip(), t.strip()) for s, t in zip(sources, targets, strict=True)]
@@ -94,12 +94,12 @@ def read_pairs(
             )
         source_key, target_key = source_key or pair[0], target_key or pair[1]
     pairs = []
-    for n, row in enumerate(rows, 1):
-        for key in (source_key, target_key):
-            if key not in row:
-                raise ValueError(f"{path}: row {n} has no field {key!r}")
-        source = " ".join(line.strip() for line in str(row[source_key]).split("\n") if line.strip())
-        pairs.append((source, str(row[target_key]).strip()))
+    for i, row in enumerate(rows):
+        n = line_of(rows, i)
+        # A number or null is a broken row; str() would train on "5" and score against "None".
+        document, summary = row_text(row, source_key, path, n), row_text(row, target_key, path, n)
+        source = " ".join(line.strip() for line in document.split("\n") if line.strip())
+        pairs.append((source, summary.strip()))
     return pairs
 
 
@@ -493,6 +493,7 @@ def finetune_seq2seq(
     seed: int = 1234,
     progress: bool = True,
     lora: LoRASettings | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune a GLM on source/target pairs with the shared training loop, then score ROUGE on dev.
 
@@ -529,6 +530,8 @@ def finetune_seq2seq(
         seed: seed of initialisation, dropout and data order.
         progress: show progress bars.
         lora: train LoRA adapters on the frozen GLM instead of every weight (None: full fine-tuning).
+        resume: continue the run in `out_dir` from its newest checkpoint (an earlier run there is refused
+            otherwise).
 
     Returns:
         `{"step", "train_loss", "dev": {...}, "best": path}`.
@@ -536,6 +539,7 @@ def finetune_seq2seq(
     from openglm.model import GLMModel
     from openglm.tokenizer import GLMTokenizer
 
+    check_run_dir(out_dir, resume)
     out = Path(out_dir)
     tokenizer = GLMTokenizer.from_pretrained(tokenizer_dir or model_dir)
     model = GLMModel.from_pretrained(model_dir)
@@ -591,6 +595,7 @@ def finetune_seq2seq(
         seed=seed,
         progress=progress,
         lora=lora,
+        resume=resume,
     )
 
 
@@ -643,7 +648,9 @@ def run_seq2seq_eval(
     model, tokenizer = load_model_and_tokenizer(model_dir, tokenizer_dir, device)
     if src_seq_length > model.config.max_sequence_length:
         raise ValueError(
-            f"src_seq_length={src_seq_length} exceeds the model's {model.config.max_sequence_length} positions"
+            f"src_seq_length={src_seq_length} exceeds the model's max_sequence_length "
+            f"{model.config.max_sequence_length}; pass --data.max_seq_length {model.config.max_sequence_length} "
+            "(or less)"
         )
     decode = DecodeSettings(num_beams, length_penalty, min_length, no_repeat_ngram_size)
     return evaluate_seq2seq(

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from openglm.tasks.cloze import MASK, ClozeTask, Example, Fragment
-from openglm.tasks.files import read_jsonl, row_field
+from openglm.tasks.files import line_of, read_jsonl, row_field, row_text
 
 # Official file names per split (the SuperGLUE release); `dev` is the validation file.
 SPLIT_FILES = {"train": "train.jsonl", "dev": "val.jsonl", "test": "test.jsonl"}
@@ -40,7 +40,21 @@ def lowercase_first(text: str) -> str:
 
 
 def _bool_label(row: dict[str, Any]) -> str | None:
-    return str(row["label"]).lower() if "label" in row else None
+    return str(row["label"]).lower() if row.get("label") is not None else None
+
+
+def _objects(value: Any, name: str, path: Path, n: int) -> list[dict[str, Any]]:
+    """A field that must be a list of objects (MultiRC questions and answers, ReCoRD qas)."""
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ValueError(f"{path}:{n}: field {name!r} must be a list of objects")
+    return value
+
+
+def _index(row: dict[str, Any], name: str, path: Path, n: int) -> int:
+    value = row_field(row, name, path, n)
+    if type(value) is not int or value < 0:
+        raise ValueError(f"{path}:{n}: field {name!r} must be a word index (an integer >= 0), got {value!r}")
+    return value
 
 
 def text_pair_examples(
@@ -65,16 +79,18 @@ def text_pair_examples(
         One `Example` per row, `idx` from the row (its position when absent).
     """
     out = []
-    for n, row in enumerate(rows, 1):
-        idx = row.get("idx", n - 1)
+    for i, row in enumerate(rows):
+        n = line_of(rows, i)
+        idx = row.get("idx", i)
         out.append(
             Example(
                 guid=f"{split}-{idx}",
-                text_a=standardize_punctuation(row_field(row, fields[0], path, n)),
-                text_b=standardize_punctuation(row_field(row, fields[1], path, n)),
+                text_a=standardize_punctuation(row_text(row, fields[0], path, n)),
+                text_b=standardize_punctuation(row_text(row, fields[1], path, n)),
                 label=label(row),
-                meta={name: row_field(row, name, path, n) for name in meta_fields},
+                meta={name: row_text(row, name, path, n) for name in meta_fields},
                 idx=idx,
+                location=f"{path}:{n}",
             )
         )
     return out
@@ -276,15 +292,16 @@ class MultiRC(SuperGLUETask):
 
     def make_examples(self, rows: list[dict[str, Any]], split: str, path: Path) -> list[Example]:
         out = []
-        for n, row in enumerate(rows, 1):
+        for i, row in enumerate(rows):
+            n = line_of(rows, i)
             passage = row_field(row, "passage", path, n)
-            p_idx = row.get("idx", n - 1)
-            text = standardize_punctuation(row_field(passage, "text", path, n))
-            for q in row_field(passage, "questions", path, n):
-                q_idx = q["idx"]
-                question = standardize_punctuation(q["question"])
-                for a in q["answers"]:
-                    a_idx = a["idx"]
+            p_idx = row.get("idx", i)
+            text = standardize_punctuation(row_text(passage, "text", path, n))
+            for q in _objects(row_field(passage, "questions", path, n), "questions", path, n):
+                q_idx = row_field(q, "idx", path, n)
+                question = standardize_punctuation(row_text(q, "question", path, n))
+                for a in _objects(row_field(q, "answers", path, n), "answers", path, n):
+                    a_idx = row_field(a, "idx", path, n)
                     out.append(
                         Example(
                             guid=f"{split}-p{p_idx}-q{q_idx}-a{a_idx}",
@@ -295,9 +312,10 @@ class MultiRC(SuperGLUETask):
                                 "passage_idx": p_idx,
                                 "question_idx": q_idx,
                                 "answer_idx": a_idx,
-                                "answer": standardize_punctuation(a["text"]),
+                                "answer": standardize_punctuation(row_text(a, "text", path, n)),
                             },
                             idx=[p_idx, q_idx, a_idx],
+                            location=f"{path}:{n}",
                         )
                     )
         return out
@@ -334,25 +352,28 @@ class COPA(SuperGLUETask):
 
     def make_examples(self, rows: list[dict[str, Any]], split: str, path: Path) -> list[Example]:
         out = []
-        for n, row in enumerate(rows, 1):
-            idx = row.get("idx", n - 1)
-            meta = {k: row_field(row, k, path, n) for k in ("choice1", "choice2", "question")}
+        for i, row in enumerate(rows):
+            n = line_of(rows, i)
+            idx = row.get("idx", i)
+            meta = {k: row_text(row, k, path, n) for k in ("choice1", "choice2", "question")}
             label = row.get("label")
             # COPA is the one reader without punctuation standardisation.
-            out.append(Example(f"{split}-{idx}", row_field(row, "premise", path, n), None, label, meta, idx))
+            premise = row_text(row, "premise", path, n)
+            out.append(Example(f"{split}-{idx}", premise, None, label, meta, idx, f"{path}:{n}"))
         if split == "train":
             # Mirrored copies (choices swapped, label flipped) are appended after the originals (spec D.3).
             mirrors = [
                 Example(
                     guid=ex.guid + "m",
                     text_a=ex.text_a,
-                    label=None if ex.label is None else 1 - int(ex.label),
+                    label=None if ex.label is None else 1 - self.label_index(ex, split),
                     meta={
                         "choice1": ex.meta["choice2"],
                         "choice2": ex.meta["choice1"],
                         "question": ex.meta["question"],
                     },
                     idx=ex.idx,
+                    location=ex.location,
                 )
                 for ex in out
             ]
@@ -397,7 +418,12 @@ class COPA(SuperGLUETask):
         return [" " + self._choice(example.meta["choice1"]), " " + self._choice(example.meta["choice2"])]
 
     def label_index(self, example: Example, split: str) -> int:
-        return -1 if example.label is None else int(example.label)
+        if example.label is None:
+            return -1
+        # 0 and 1 only: int() would also take "1", 1.7 or True and quietly train on a guess.
+        if type(example.label) is not int or example.label not in (0, 1):
+            raise ValueError(f"{example.where(self.name)}: label {example.label!r} is not 0 or 1")
+        return example.label
 
     def classifier_texts(self, example: Example) -> list[tuple[str, str | None]]:
         joiner = "because" if example.meta["question"] == "cause" else "so"
@@ -417,13 +443,16 @@ class WSC(SuperGLUETask):
 
     def make_examples(self, rows: list[dict[str, Any]], split: str, path: Path) -> list[Example]:
         out = []
-        for n, row in enumerate(rows, 1):
-            idx = row.get("idx", n - 1)
+        for i, row in enumerate(rows):
+            n = line_of(rows, i)
+            idx = row.get("idx", i)
             target = row_field(row, "target", path, n)
-            label = str(row["label"]) if "label" in row else None
-            words = row_field(row, "text", path, n).split()
-            span1, span2 = target["span1_text"], target["span2_text"]
-            i1, i2 = target["span1_index"], target["span2_index"]
+            label = str(row["label"]) if row.get("label") is not None else None
+            words = row_text(row, "text", path, n).split()
+            span1, span2 = row_text(target, "span1_text", path, n), row_text(target, "span2_text", path, n)
+            i1, i2 = _index(target, "span1_index", path, n), _index(target, "span2_index", path, n)
+            if not i2 < len(words):
+                raise ValueError(f"{path}:{n}: span2_index {i2} is past the text's {len(words)} words")
             # Some official indices are off by one word: look one word left/right for the span.
             span1_words = span1.lower().split()
             lower = [w.lower() for w in words]
@@ -444,7 +473,7 @@ class WSC(SuperGLUETask):
                 meta["candidates"] = list(row["candidates"])
             if split == "train" and label != "True":
                 continue  # training keeps the positive examples only (the correct span is the answer)
-            out.append(Example(f"{split}-{idx}", " ".join(words), None, label, meta, idx))
+            out.append(Example(f"{split}-{idx}", " ".join(words), None, label, meta, idx, f"{path}:{n}"))
         return out
 
     def pattern(self, example: Example, pattern_id: int) -> tuple[list[Fragment], list[Fragment]]:
@@ -500,16 +529,17 @@ class ReCoRD(SuperGLUETask):
         # The official reader shuffles negatives with Python's `random.Random(42)`; reproducing its stream
         # needs the same generator, not numpy's.
         shuffler = random.Random(self.seed)
-        for n, row in enumerate(rows, 1):
-            p_idx = row.get("idx", n - 1)
+        for i, row in enumerate(rows):
+            n = line_of(rows, i)
+            p_idx = row.get("idx", i)
             passage = row_field(row, "passage", path, n)
-            raw = row_field(passage, "text", path, n)
+            raw = row_text(passage, "text", path, n)
             entities = sorted({raw[e["start"] : e["end"] + 1] for e in passage.get("entities", [])})
             text = standardize_punctuation(raw.replace("@highlight\n", "- "))
-            for q in row_field(row, "qas", path, n):
-                q_idx = q["idx"]
-                question = standardize_punctuation(q["query"])
-                answers = list(dict.fromkeys(a["text"] for a in q.get("answers", [])))
+            for q in _objects(row_field(row, "qas", path, n), "qas", path, n):
+                q_idx = row_field(q, "idx", path, n)
+                question = standardize_punctuation(row_text(q, "query", path, n))
+                answers = list(dict.fromkeys(row_text(a, "text", path, n) for a in q.get("answers", [])))
                 if split == "train":
                     for a_idx, answer in enumerate(answers):
                         negatives = [e for e in entities if e not in answers]
@@ -530,6 +560,7 @@ class ReCoRD(SuperGLUETask):
                                 "0",
                                 meta,
                                 [p_idx, q_idx, a_idx],
+                                f"{path}:{n}",
                             )
                         )
                 else:
@@ -539,7 +570,13 @@ class ReCoRD(SuperGLUETask):
                         "candidates": entities,
                         "answers": answers,
                     }
-                    out.append(Example(f"{split}-p{p_idx}-q{q_idx}", text, question, "1", meta, q_idx))
+                    # A query without answers (the test split) is unlabelled: scored, it would count as wrong.
+                    label = "1" if answers else None
+                    out.append(
+                        Example(
+                            f"{split}-p{p_idx}-q{q_idx}", text, question, label, meta, q_idx, f"{path}:{n}"
+                        )
+                    )
         return out
 
     def pattern(self, example: Example, pattern_id: int) -> tuple[list[Fragment], list[Fragment]]:
