@@ -222,6 +222,11 @@ def test_unknown_task_and_missing_data_dir_are_clear_errors(tiny_dir: Path, tmp_
         evaluate(task="rte", model=str(tiny_dir), progress=False)
     with pytest.raises(ValueError, match="zero-shot"):
         finetune(task="lambada", model=str(tiny_dir), out_dir=str(tmp_path / "x"))
+    # An unwritable --output fails before the evaluation, not after it.
+    with pytest.raises(ValueError, match="is a directory; name a file"):
+        evaluate(task="rte", model=str(tiny_dir), output=str(tmp_path), progress=False)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        evaluate(task="lambada", model=str(tiny_dir), output=str(tmp_path / "no" / "m.json"), progress=False)
 
 
 def test_shipped_sst2_task_reads_the_shared_data() -> None:

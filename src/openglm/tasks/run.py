@@ -888,6 +888,8 @@ def evaluate(
     if batch_size <= 0:
         raise ValueError(f"--batch_size {batch_size}: must be a positive number of examples per forward pass")
     check_model_dir(model)
+    if output:
+        check_output_file(output)
     # Under torchrun each rank scores its share of the examples on its own device; rank 0 writes `output`.
     device = str(parallel.init_distributed(device).device)
     name = task.lower()
@@ -929,6 +931,17 @@ def evaluate(
     if output and parallel.is_main():
         write_json(Path(output), result)
     return result
+
+
+def check_output_file(output: str | os.PathLike) -> None:
+    """Refuse an --output that cannot be written, before the evaluation runs rather than after it."""
+    path = Path(output)
+    if path.is_dir():
+        raise ValueError(f"--output {output}: is a directory; name a file, e.g. {path / 'metrics.json'}")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"--output {output}: the folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise PermissionError(f"--output {output}: the folder {path.parent} is not writable")
 
 
 def _check_vocab(net: nn.Module, tok: Any, model_dir: str | os.PathLike) -> None:
