@@ -214,6 +214,8 @@ def test_perplexity_of_uniform_model_is_vocab_size(tmp_path: Path) -> None:
     limit = model.config.max_sequence_length
     with pytest.raises(ValueError, match=f"seq_length {limit + 1}: must be between 2 and .* {limit}"):
         evaluate_perplexity(model, tok, path, seq_length=limit + 1)
+    with pytest.raises(ValueError, match="seq_length 2: perplexity windows need at least 3 tokens"):
+        evaluate_perplexity(model, tok, path, seq_length=2)
 
 
 def test_lambada_and_multichoice_end_to_end(tmp_path: Path) -> None:

@@ -377,3 +377,5 @@ def test_unavailable_or_malformed_devices_are_one_line_errors() -> None:
         parallel.init_distributed("cuda:1")
     with pytest.raises(ValueError, match="device 'gpu': not a device name"):
         parallel.resolve_device("gpu")
+    with pytest.raises(ValueError, match="device 'meta': openglm runs on cpu, cuda or mps, not meta"):
+        parallel.resolve_device("meta")

@@ -222,6 +222,9 @@ def test_unknown_task_and_missing_data_dir_are_clear_errors(tiny_dir: Path, tmp_
         evaluate(task="rte", model=str(tiny_dir), progress=False)
     with pytest.raises(ValueError, match="zero-shot"):
         finetune(task="lambada", model=str(tiny_dir), out_dir=str(tmp_path / "x"))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NotADirectoryError, match="afile: a file; name the model's directory"):
+        evaluate(task="rte", model=str(tmp_path / "afile"), progress=False)
     # An unwritable --output fails before the evaluation, not after it.
     with pytest.raises(ValueError, match="is a directory; name a file"):
         evaluate(task="rte", model=str(tiny_dir), output=str(tmp_path), progress=False)
@@ -505,6 +508,11 @@ def test_table_rows_that_lose_or_gain_columns_are_refused(tmp_path: Path) -> Non
     table.write_text("review,sentiment,review\nthe film,1,fun\n")
     with pytest.raises(
         ValueError, match=r"train.csv:1: the header names column\(s\) \['review'\] more than once"
+    ):
+        task.read(table, "train")
+    table.write_text("review,label\nthe film,1\n")
+    with pytest.raises(
+        ValueError, match=r"train.csv: no column 'sentiment' \(fields.label in .*\); the header"
     ):
         task.read(table, "train")
     table.write_bytes(b"review,sentiment\nthe film,1\nthe \xff plot,0\n")

@@ -453,7 +453,10 @@ def test_cli_train(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert GLMTokenizer.from_pretrained(tmp_path / "tok").num_tokens <= 300
     corpus.write_bytes(b"abc\x80")
     for argv, message in [
-        (["--corpus", f"[{corpus}]", "--strict", "true", *flags], f"{corpus}:1: invalid UTF-8"),
+        (
+            ["--corpus", f"[{corpus}]", "--strict", "true", *flags, "--overwrite", "true"],
+            f"{corpus}:1: invalid UTF-8",
+        ),
         (["--corpus", str(other), "--out", str(tmp_path / "x")], "tokenizer train: --vocab_size is required"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
@@ -588,6 +591,13 @@ def test_train_output_and_damaged_gzip(tmp_path: Path, capsys: pytest.CaptureFix
     with pytest.raises(ValueError, match="--out .*afile exists and is not a directory"):
         train_tokenizer([str(corpus)], vocab_size=300, out=str(tmp_path / "afile"), progress=False)
     assert (tmp_path / "afile").read_text() == "mine"
+    first = train_tokenizer([str(corpus)], vocab_size=300, out=str(tmp_path / "t"), progress=False)
+    before = (tmp_path / "t" / "tokenizer.json").read_bytes()
+    with pytest.raises(ValueError, match="already holds a tokenizer .*; pass --overwrite true"):
+        train_tokenizer([str(corpus)], vocab_size=280, out=first, progress=False)
+    assert (tmp_path / "t" / "tokenizer.json").read_bytes() == before
+    train_tokenizer([str(corpus)], vocab_size=280, out=first, progress=False, overwrite=True)
+    assert GLMTokenizer.from_pretrained(first).num_tokens <= 280
     with gzip.open(tmp_path / "whole.txt.gz", "wb") as f:
         f.write("".join(_CORPUS).encode() * 20)
     data = (tmp_path / "whole.txt.gz").read_bytes()

@@ -126,6 +126,10 @@ def test_pretraining_mixes_in_multi_task_examples(tmp_path, caplog):
         DataSettings(path="x", multi_task_ratio=0.1)
     with pytest.raises(ValueError, match="data.multi_task_ratio=2.0 must be in"):
         DataSettings(path="x", multi_task=[task], multi_task_ratio=2.0)
+    with pytest.raises(ValueError, match="data.seed=-1 must be >= 0"):
+        DataSettings(path="x", seed=-1)
+    with pytest.raises(ValueError, match="train.seed=-1 must be >= 0"):
+        TrainSettings(seed=-1)
 
 
 def _synthetic_run(out_dir: Path, resume: bool = False, **overrides) -> dict:
@@ -219,6 +223,9 @@ def test_demo_rebuilds_its_own_folder_and_keeps_it_when_a_rerun_fails(tmp_path):
     tiny.write_text("Too short.\n\nAlso short.\n")
     with pytest.raises(ValueError):
         demo(corpus=str(tiny), **kwargs)
+    with pytest.raises(ValueError):
+        demo(corpus=str(tiny), **{**kwargs, "out_dir": str(tmp_path / "fresh")})
+    assert not (tmp_path / "fresh").exists()  # a failed first demo leaves no folder behind
     assert {
         p: p.read_bytes() for p in out.rglob("*") if p.is_file()
     } == files  # model and tokenizer still match

@@ -95,7 +95,11 @@ def resolve_device(device: str | torch.device = "auto", local_rank: int = 0) -> 
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"device {str(device)!r}: not a device name (cpu, cuda, cuda:N, auto)") from None
+        raise ValueError(
+            f"device {str(device)!r}: not a device name (cpu, cuda, cuda:N, mps, auto)"
+        ) from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {str(device)!r}: openglm runs on cpu, cuda or mps, not {dev.type}")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(

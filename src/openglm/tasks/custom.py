@@ -284,6 +284,12 @@ class CustomTask(ClozeTask):
             "tsv" if path.suffix in (".tsv", ".tab") else "csv" if path.suffix == ".csv" else "jsonl"
         )
         rows = read_jsonl(path) if fmt == "jsonl" else _read_table(path, fmt)
+        if fmt != "jsonl" and rows and split == "train" and self.label_field not in rows[0]:
+            # A misnamed label column would otherwise read as "every example unlabelled".
+            raise ValueError(
+                f"{path}: no column {self.label_field!r} (fields.label in {self.source}); the header has "
+                f"{list(rows[0])}"
+            )
         out = []
         for i, row in enumerate(rows):
             n = line_of(rows, i)

@@ -483,6 +483,8 @@ def evaluate_perplexity(
     """
     path = Path(path)
     seq_length = row_length(model, seq_length, 1024)
+    if seq_length < 3:  # a window predicts at least one new token after its context token
+        raise ValueError(f"seq_length {seq_length}: perplexity windows need at least 3 tokens")
     if stride is None:
         stride = min(256, seq_length // 2)
     if wikitext is None:

@@ -313,6 +313,8 @@ def check_model_dir(model: str | os.PathLike) -> None:
     """A missing model folder is named as such (else the tokenizer, looked for in it first, is blamed)."""
     if not Path(model).exists():
         raise FileNotFoundError(f"model directory not found: {model}")
+    if not Path(model).is_dir():
+        raise NotADirectoryError(f"--model {model}: a file; name the model's directory")
 
 
 def multi_task_samples(entries: Sequence[str], tokenizer: Any, max_length: int) -> list[np.ndarray]:

@@ -90,6 +90,7 @@ def train_tokenizer(
     standardize_punctuation: bool = True,
     strict: bool = False,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> str:
     """Train a byte-level BPE tokenizer with the GLM special tokens on a corpus and save it.
 
@@ -103,7 +104,7 @@ def train_tokenizer(
             Files ending in .jsonl/.json/.ndjson are JSON lines, others plain UTF-8 text; .gz is
             decompressed on the fly.
         vocab_size: total number of tokens including the 10 GLM tokens (the corpus may yield fewer).
-        out: output directory (created; other files in it are kept).
+        out: output directory (created; other files in it are kept; an existing tokenizer needs `overwrite`).
         min_frequency: pairs seen fewer times are not merged.
         text_format: plain text documents are separated by blank lines ("paragraphs") or are lines ("lines").
         jsonl_field: the string field holding a document in JSON lines files.
@@ -112,6 +113,7 @@ def train_tokenizer(
         strict: stop at the first bad input (invalid UTF-8, invalid JSON, missing field, empty file) instead
             of skipping and counting it, as `data prepare` does.
         progress: show progress bars.
+        overwrite: replace a tokenizer already in `out` (shards and models made with it no longer match it).
 
     `corpus`, `vocab_size` and `out` are required; they have defaults only so that the command line takes them
     as flags (`--corpus PATH --vocab_size N --out DIR`; several inputs: `--corpus [A,B]` or `--corpus+ B`).
@@ -125,6 +127,12 @@ def train_tokenizer(
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"tokenizer train: --out {out} exists and is not a directory; name a directory")
+    held = [n for n in ("tokenizer.json", "tokenizer_config.json") if (out_dir / n).exists()]
+    if held and not overwrite:
+        raise ValueError(
+            f"tokenizer train: --out {out} already holds a tokenizer ({', '.join(held)}); pass --overwrite true "
+            "to replace it, or choose another --out"
+        )
     files = corpus_files([corpus] if isinstance(corpus, str | os.PathLike) else corpus, pattern)
     log.info("training a %d-token byte-level BPE on %d file(s)", vocab_size, len(files))
     report = InputReport()

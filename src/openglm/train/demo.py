@@ -273,6 +273,7 @@ def demo(
     if max_steps is not None:
         overrides += ["--train.max_steps", str(max_steps)]
     args = recipe_arguments(recipe, overrides)
+    created = not out.exists()
     previous = _set_aside(out)
     try:
         if corpus is None:
@@ -289,6 +290,8 @@ def demo(
             filled = fill_blanks(model, tokenizer, list(prompts or PROMPTS), max_length=12, num_beams=4)
     except BaseException:  # Ctrl-C too: a half-built demo must not replace the previous one
         _restore(out, previous)
+        if created:  # nothing but the marker is left in a folder this failed demo made
+            shutil.rmtree(out, ignore_errors=True)
         if previous is not None:
             log.warning("the demo failed; %s holds the previous demo again", out)
         raise

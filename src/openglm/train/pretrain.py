@@ -72,6 +72,8 @@ class DataSettings:
             raise ValueError(f"data.valid_fraction={self.valid_fraction!r} must be in [0, 1)")
         if self.valid_batches < 0:
             raise ValueError(f"data.valid_batches={self.valid_batches!r} must be >= 0")
+        if self.seed < 0:  # numpy's seed sequences take only non-negative entropy
+            raise ValueError(f"data.seed={self.seed!r} must be >= 0")
 
 
 def _build_config(model: str, overrides: dict[str, Any], vocab_size: int | None) -> GLMConfig:

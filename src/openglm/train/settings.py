@@ -120,6 +120,8 @@ class TrainSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"train.{name}={value!r} must be an integer >= 0 (0: only at the end)")
+        if self.seed < 0:
+            raise ValueError(f"train.seed={self.seed!r} must be >= 0")
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision={self.precision!r}; expected one of {PRECISIONS}")
         if self.strategy not in STRATEGIES:
