@@ -3,9 +3,11 @@ docstrings (jsonargparse). Errors in user input end the process with one line, n
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -89,7 +91,10 @@ def main(argv: list[str] | None = None) -> None:
     argv = _normalise_flags(sys.argv[1:] if argv is None else list(argv))
     try:
         _check_config_files(argv)
-        result = CLI(_commands(), args=argv, as_positional=True)
+        result = CLI(_commands(), args=argv, as_positional=True, exit_on_error=False)
+    except argparse.ArgumentError as err:
+        print(f"openglm: error: {_flag_error(str(err), argv)}", file=sys.stderr)
+        raise SystemExit(2) from None
     except ValueError as err:  # UnicodeDecodeError and CheckpointError included
         print(f"openglm: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -102,6 +107,25 @@ def main(argv: list[str] | None = None) -> None:
         print("openglm: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
     _print_result(result)
+
+
+def _flag_error(message: str, argv: list[str]) -> str:
+    """One line for a command-line error: jsonargparse explains a bad value over several lines of type
+    reprs ("Parser key ...", "Subtypes: [<class 'int'>, ...]", "Given value: abc")."""
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    hint = f" (see openglm {verb} --help)" if verb in _commands() else " (see openglm --help)"
+    key = re.match(r'Parser key "([^"]+)"', message)
+    value = re.search(r"(?:Given|Got) value: (.*)$", message, re.M)
+    if key is None or value is None:
+        return " ".join(line.strip() for line in message.splitlines() if line.strip()) + hint
+    subtypes = re.search(r"Subtypes: \[(.*)\]", message)
+    listed = subtypes.group(1) if subtypes else " ".join(re.findall(r"Expected a (<class '\w+'>)", message))
+    found = re.findall(r"<class '(\w+)'>|(\w+\[[^\]]*\])", listed)  # (class name, generic alias) pairs
+    names = ["null" if name == "NoneType" else name for pair in found for name in pair if name]
+    expected = f"expected {' or '.join(dict.fromkeys(names))}" if names else "not a valid value"
+    if any(n.startswith("list") for n in names):
+        expected += f" (a list: --{key.group(1)} '[a, b]' or --{key.group(1)}+ a)"
+    return f"--{key.group(1)} {value.group(1).strip()!r}: {expected}{hint}"
 
 
 def _print_result(result: object) -> None:
