@@ -132,7 +132,8 @@ def infill(
         model_dir: a model directory (ours, Hugging Face GLM, or official: with its config.json or
             --model_config).
         text: the prompt, e.g. "Tsinghua University is located in [MASK]."; "-" reads prompts from stdin and
-            "@FILE" from FILE, one per line. A prompt without a mask is continued ([gMASK] appended).
+            "@FILE" from FILE, one per line (blank lines are skipped; `--jsonl true` keeps each source with
+            its fill). A prompt without a mask is continued ([gMASK] appended).
         interactive: prompt loop: read a line, fill it, show the fill as it is decoded; "stop" or EOF ends it.
         tokenizer: tokenizer directory or "KIND:VOCAB_PATH" (kinds: bert, gpt2, roberta, chinese-sp,
             chinese-sp-fix, bpe); default: the tokenizer saved in model_dir.
