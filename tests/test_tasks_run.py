@@ -207,6 +207,8 @@ def test_yaml_errors_name_the_problem(tmp_path: Path) -> None:
         load_task(_task_yaml(tmp_path, CLOZE_YAML.replace("f1_macro", "bleu")))
     with pytest.raises(FileNotFoundError):
         load_task(tmp_path / "missing.yaml")
+    with pytest.raises(ValueError, match="field 'name' must be a string, got"):
+        load_task(_task_yaml(tmp_path, CLOZE_YAML.replace("name: toy_sentiment", "name: [s]")))
     _write_data(tmp_path / "data", 2, 2)
     bad = tmp_path / "data" / "dev.jsonl"
     bad.write_text('{"review": "x", "sentiment": "7"}\n')

@@ -70,7 +70,9 @@ class CustomTask(ClozeTask):
         unknown = set(spec) - _KEYS
         if unknown:
             raise ValueError(f"{source}: unknown field(s) {sorted(unknown)}; allowed: {sorted(_KEYS)}")
-        self.name = str(self._need(spec, "name"))
+        name = self._need(spec, "name")
+        self._check("name", name, isinstance(name, str | int) and not isinstance(name, bool), "a string")
+        self.name = str(name)
         self.base_dir = base_dir or Path.cwd()
         data = self._need(spec, "data")
         if not isinstance(data, dict):
