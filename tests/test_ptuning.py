@@ -54,6 +54,12 @@ def test_prompt_vectors_replace_the_placeholder_embeddings(kind: str) -> None:
     )
     out.sum().backward()
     assert all(p.grad is not None for p in net.encoder.parameters())
+    # A training batch without prompts (block-LM steps) still gives every prompt parameter a (zero) gradient,
+    # as DDP requires, and leaves the logits as they are.
+    net.zero_grad(set_to_none=True)
+    plain = net(ids, pos, attention_mask=12).logits
+    plain.sum().backward()
+    assert all(p.grad is not None and not p.grad.any() for p in net.encoder.parameters())
     with pytest.raises(ValueError, match=r"prompt_pos must be \[B, n\] = \[2, 3\]"):
         net(ids, pos, attention_mask=12, prompt_pos=where[:, :2])
 

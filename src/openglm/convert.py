@@ -449,26 +449,48 @@ def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
 
 
 def _replace_directory(dst: Path, write: Callable[[Path], None]) -> None:
-    """Write a directory next to `dst` with `write`, then move it into place: until the new directory is
-    complete, `dst` keeps what it had; a failure leaves no half-written output."""
+    """Write a new `dst` with `write` and move it into place only once complete: until then `dst` keeps what
+    it had, and a failure leaves no half-written output.
+
+    A new `dst` is written beside it and renamed. An existing one is rebuilt from the inside (new files
+    written into a hidden folder in it, the old entries moved aside into another, deleted last), so that
+    every move stays on `dst`'s filesystem: `dst` may be a mount point, which cannot itself be renamed."""
     target = Path(os.path.realpath(dst))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    old = target.with_name(f".{target.name}.{os.getpid()}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if not target.is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            write(tmp)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
+    tmp, old = target / f".convert-{os.getpid()}.tmp", target / f".convert-{os.getpid()}.old"
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
     try:
         write(tmp)
-        if target.is_dir() and any(target.iterdir()):
-            # Two renames: the old directory is only deleted once the new one is in its place.
-            os.replace(target, old)
-            try:
-                os.replace(tmp, target)
-            except OSError:
-                os.replace(old, target)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)  # renaming over an empty directory is allowed
+        old.mkdir()
+        previous = [p for p in target.iterdir() if p not in (tmp, old)]
+        moved_in: list[Path] = []
+        try:
+            for path in previous:
+                os.replace(path, old / path.name)
+            for path in list(tmp.iterdir()):
+                os.replace(path, target / path.name)
+                moved_in.append(target / path.name)
+        except BaseException:
+            for path in moved_in:
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+            for path in list(old.iterdir()):
+                os.replace(path, target / path.name)
+            old.rmdir()  # only once empty: the user's files are never deleted on this path
+            raise
+        shutil.rmtree(old)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -118,7 +118,15 @@ class GLMWithPrompts(nn.Module):
         """`GLMModel.forward`, with the word embeddings at `prompt_pos` [B, n] (indices into each row's T
         tokens, in prompt order) replaced by the n prompt vectors. Without `prompt_pos`: the plain model."""
         if prompt_pos is None:
-            return self.model(input_ids, position_ids, attention_mask=attention_mask, **kwargs)
+            if not (self.training and torch.is_grad_enabled()):
+                return self.model(input_ids, position_ids, attention_mask=attention_mask, **kwargs)
+            # A training batch without prompts (block-LM regularisation) must still reach every prompt
+            # parameter: DDP expects a gradient for each one at every step. Zero times the prompts adds none.
+            words = self.model.word_embeddings(input_ids)
+            words = words + 0.0 * self.encoder().sum().to(words.dtype)
+            return self.model(
+                input_ids, position_ids, attention_mask=attention_mask, input_embeds=words, **kwargs
+            )
         B = input_ids.shape[0]
         if prompt_pos.shape != (B, self.encoder.num_tokens):
             raise ValueError(

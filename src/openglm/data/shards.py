@@ -509,12 +509,13 @@ def prepare_corpus(
     }
     if workers is None:
         workers = min(8, os.cpu_count() or 1)
-    # Shards are built in a fresh folder beside OUT and moved in only once complete, so a failure (bad
-    # input, Ctrl-C, a full disk) leaves the shards OUT had, and no new folder.
+    # Shards are built in a hidden folder inside OUT and moved into place only once complete, so a failure
+    # (bad input, Ctrl-C, a full disk) leaves the shards OUT had, and no new folder. Inside OUT, not beside
+    # it: every move stays on OUT's filesystem (OUT may be a mount point) and needs no rights on its parent.
     target = out_dir.resolve()
-    created = _missing_parents(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    created = ([] if target.exists() else [target]) + _missing_parents(target)  # deepest first
+    target.mkdir(parents=True, exist_ok=True)
+    staging = target / f".build-{os.getpid()}-{secrets.token_hex(4)}.tmp"
     staging.mkdir()
     try:
         report = InputReport()
@@ -627,13 +628,10 @@ def _is_shard_file(name: str) -> bool:
 def _install(staging: Path, out_dir: Path) -> None:
     """Move complete shards from `staging` to `out_dir`, replacing the shards it held.
 
-    A new folder is one rename. Into an existing folder (which may hold the user's other files, even the
-    corpus itself) the old shard files move aside first, manifest first, so no reader ever sees a manifest
-    over a mix of old and new shards; the new files go in manifest last; the old ones are deleted only then.
-    A crash in between leaves every old and new file on disk, in OUT or in the hidden folders beside it."""
-    if not out_dir.exists():
-        os.replace(staging, out_dir)
-        return
+    `staging` is a hidden folder inside `out_dir` (which may hold the user's other files, even the corpus
+    itself). The old shard files move aside first, manifest first, so no reader ever sees a manifest over a
+    mix of old and new shards; the new files go in manifest last; the old ones are deleted only then. A crash
+    in between leaves every old and new file on disk, in OUT or in the hidden folders inside it."""
     backup = staging.with_suffix(".old")
     backup.mkdir()
     old = sorted((p for p in out_dir.iterdir() if _is_shard_file(p.name)), key=lambda p: p.name != MANIFEST)

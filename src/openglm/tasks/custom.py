@@ -71,7 +71,7 @@ class CustomTask(ClozeTask):
         if unknown:
             raise ValueError(f"{source}: unknown field(s) {sorted(unknown)}; allowed: {sorted(_KEYS)}")
         name = self._need(spec, "name")
-        self._check("name", name, isinstance(name, str | int) and not isinstance(name, bool), "a string")
+        self._check("name", name, isinstance(name, str) and bool(name.strip()), "a non-empty string")
         self.name = str(name)
         self.base_dir = base_dir or Path.cwd()
         data = self._need(spec, "data")

@@ -86,7 +86,7 @@ def restore_progress(out: Path, key_metric: str, best: BestDev, metric_prefix: s
         The step the run resumes at.
     """
     from openglm.train.checkpoint import latest_checkpoint
-    from openglm.train.loop import METRICS_NAME
+    from openglm.train.loop import METRICS_NAME, metric_rows
 
     checkpoint = latest_checkpoint(out)
     if checkpoint is None:
@@ -95,8 +95,8 @@ def restore_progress(out: Path, key_metric: str, best: BestDev, metric_prefix: s
     history = out / METRICS_NAME
     if not (history.is_file() and best.directory.is_dir()):
         return done
-    for line in history.read_text().splitlines():
-        row = json.loads(line) if line.strip() else {}
+    for line, _ in metric_rows(history):  # a torn last line of a killed run is dropped there
+        row = json.loads(line)
         value = row.get(f"{metric_prefix}{key_metric}")
         if value is not None and row["step"] <= done and (best.value is None or value > best.value):
             best.value, best.step = value, row["step"]

@@ -298,15 +298,24 @@ def check_labels(task: ClozeTask, examples: Sequence[Example], split: str, requi
     return False
 
 
-def check_positions(net: nn.Module, max_len: int, task: ClozeTask, data: TaskData) -> None:
-    """Refuse rows longer than the model's position table up front (they would index past it mid-run)."""
+def fit_positions(net: nn.Module, task: ClozeTask, data: TaskData) -> TaskData:
+    """`data` with rows that fit the model's position table: a task's default length is capped at it (short
+    examples lose nothing; long ones are shortened as usual), an explicit --data.max_seq_length beyond it is
+    refused up front (it would index past the table mid-run)."""
     limit = net.config.max_sequence_length
-    if max_len > limit:
-        origin = "--data.max_seq_length" if data.max_seq_length else f"task {task.name}'s max_seq_length"
-        raise ValueError(
-            f"inputs of {max_len} tokens ({origin}) do not fit the model's max_sequence_length {limit}; "
-            f"pass --data.max_seq_length {limit} (or less)"
-        )
+    if data.max_seq_length is not None:
+        if data.max_seq_length > limit:
+            raise ValueError(
+                f"--data.max_seq_length {data.max_seq_length} does not fit the model's max_sequence_length "
+                f"{limit}; pass {limit} or less"
+            )
+        return data
+    if task.max_seq_length <= limit:
+        return data
+    logger.info(
+        "%s: rows of %d tokens (the model's positions) instead of %d", task.name, limit, task.max_seq_length
+    )
+    return dataclasses.replace(data, max_seq_length=limit)
 
 
 def check_model_dir(model: str | os.PathLike) -> None:
@@ -727,7 +736,7 @@ def finetune(
     test_labelled = test_examples is not None and check_labels(t, test_examples, "test", required=False)
     if test_examples is not None and not test_labelled:
         logger.info("%s test: no labels; it is not scored", t.name)
-    check_positions(net, data.max_seq_length or t.max_seq_length, t, data)
+    data = fit_positions(net, t, data)
     train_samples = encode_all(t, train_examples, tok, data, "train")
     dev_samples = encode_all(t, dev_examples, tok, data, "dev")
     net = attach_prompts(net, train_samples, data, train)
@@ -907,7 +916,7 @@ def evaluate(
         _check_vocab(net, tok, model)
         length_penalty = t.length_penalty if data.length_penalty is None else data.length_penalty
         examples = load_examples(t, data, split, data.max_eval_examples)
-        check_positions(net, data.max_seq_length or t.max_seq_length, t, data)
+        data = fit_positions(net, t, data)
         labelled = check_labels(t, examples, split, required=False)
         if not labelled:
             logger.info(
@@ -936,14 +945,14 @@ def evaluate(
 
 
 def check_output_file(output: str | os.PathLike) -> None:
-    """Refuse an --output that cannot be written, before the evaluation runs rather than after it."""
+    """Refuse an --output that names a directory (or lies under a file) before the evaluation runs rather
+    than after it; missing folders are created when the file is written."""
     path = Path(output)
     if path.is_dir():
         raise ValueError(f"--output {output}: is a directory; name a file, e.g. {path / 'metrics.json'}")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"--output {output}: the folder {path.parent} does not exist")
-    if not os.access(path.parent, os.W_OK):
-        raise PermissionError(f"--output {output}: the folder {path.parent} is not writable")
+    blocking = next((p for p in path.parents if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise NotADirectoryError(f"--output {output}: {blocking} is a file, not a folder")
 
 
 def _check_vocab(net: nn.Module, tok: Any, model_dir: str | os.PathLike) -> None:

@@ -206,7 +206,7 @@ class _Metrics:
         path = run_dir / METRICS_NAME
         if resume_step is not None and path.exists():
             # Drop lines past the checkpoint: those steps are about to be run again.
-            kept = [ln for ln, step in _metric_steps(path) if step <= resume_step]
+            kept = [ln for ln, step in metric_rows(path) if step <= resume_step]
             write_text_atomic(path, "".join(ln + "\n" for ln in kept))
         elif resume_step is None and path.exists():
             path.unlink()
@@ -234,7 +234,7 @@ class _Metrics:
             self.tb.close()
 
 
-def _metric_steps(path: Path) -> list[tuple[str, int]]:
+def metric_rows(path: Path) -> list[tuple[str, int]]:
     """The lines of a metrics file with their steps. A torn last line (the process was killed while writing
     it) is dropped; any other line that is not a metric row is an error naming the file and line."""
     try:
