@@ -155,6 +155,7 @@ _FINETUNE_WORKER = textwrap.dedent(
 
     torch.set_num_threads(1)
     task, model, out = sys.argv[1:4]
+    extra = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {"data": {}, "train": {}}
     rows, scores = [], run.batch_scores
 
     def counting(m, batch, *args):
@@ -164,8 +165,8 @@ _FINETUNE_WORKER = textwrap.dedent(
 
     run.batch_scores = counting
     settings = FinetuneSettings(max_steps=4, batch_size=8, lr=3e-3, warmup=0.0, eval_every=2, progress=False,
-                                device="cpu", seed=1)
-    finetune(task=task, model=model, out_dir=out, data=TaskData(), train=settings)
+                                device="cpu", seed=1, **extra["train"])
+    finetune(task=task, model=model, out_dir=out, data=TaskData(**extra["data"]), train=settings)
     with open(os.path.join(out, f"rows-{os.environ['RANK']}.json"), "w") as f:
         json.dump(rows, f)
     """
@@ -200,7 +201,17 @@ def test_rank_shard_splits_rows_and_skips_batches_too_small_to_share():
     assert len(shard) == 3 and shard.state_dict() == {"position": 7}
 
 
-def test_two_gloo_ranks_finetune_like_one_process(tmp_path):
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"data": {}, "train": {}},
+        # P-tuning with block-LM steps, whose batches have no prompts: DDP still needs a gradient for the
+        # prompt encoder at every step.
+        {"data": {"prompt_tokens": 2, "prompt_encoder": "mlp"}, "train": {"block_lm_ratio": 3.0}},
+    ],
+    ids=["cloze", "ptuning_block_lm"],
+)
+def test_two_gloo_ranks_finetune_like_one_process(tmp_path, extra):
     """Cloze fine-tuning under torchrun: each rank trains on half of every batch (DDP), rank 0 keeps the best model
     and writes the report; losses, dev scores and kept weights equal a single process on the same batches."""
     from safetensors.torch import load_file
@@ -236,15 +247,17 @@ def test_two_gloo_ranks_finetune_like_one_process(tmp_path):
             PYTHONPATH=str(ROOT / "src"),
         )
         args = [sys.executable, "-c", _FINETUNE_WORKER, task, str(tmp_path / "model"), str(tmp_path / "ddp")]
+        args.append(json.dumps(extra))
         procs.append(subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
     settings = FinetuneSettings(
-        max_steps=4, batch_size=8, lr=3e-3, warmup=0.0, eval_every=2, progress=False, device="cpu", seed=1
-    )
+        max_steps=4, batch_size=8, lr=3e-3, warmup=0.0, eval_every=2, progress=False, device="cpu", seed=1,
+        **extra["train"],
+    )  # fmt: skip
     single = finetune(
         task=task,
         model=str(tmp_path / "model"),
         out_dir=str(tmp_path / "one"),
-        data=TaskData(),
+        data=TaskData(**extra["data"]),
         train=settings,
     )
     try:
@@ -255,8 +268,12 @@ def test_two_gloo_ranks_finetune_like_one_process(tmp_path):
                 p.kill()
     errors = [p.stderr.read().decode(errors="replace")[-3000:] for p in procs]
     assert codes == [0, 0], errors
-    for rank in (0, 1):  # each rank trained on half of every batch of 8
-        assert json.loads((tmp_path / "ddp" / f"rows-{rank}.json").read_text()) == [4, 4, 4, 4]
+    for rank in (0, 1):  # each rank trained on half of every cloze batch of 8
+        rows = json.loads((tmp_path / "ddp" / f"rows-{rank}.json").read_text())
+        if extra["train"].get("block_lm_ratio"):
+            assert set(rows) == {4} and 0 < len(rows) < 4  # the other steps were block-LM batches
+        else:
+            assert rows == [4, 4, 4, 4]
     ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert ddp["steps"] == single["steps"] == 4 and ddp["best_step"] == single["best_step"]
     assert ddp["dev"] == pytest.approx(single["dev"], abs=1e-6)

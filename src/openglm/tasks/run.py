@@ -707,7 +707,7 @@ def finetune(
     check_run_dir(out_dir, train.resume)
     if task.lower() in SEQ2SEQ_TASKS + INFILLING_TASKS:
         return _dispatch_finetune(task.lower(), model, out_dir, tokenizer, data, train)
-    from openglm.train.loop import glm_loss
+    from openglm.train.loop import count_loss_tokens, glm_loss
     from openglm.train.settings import OptimSettings, TrainSettings
 
     t = resolve_task(task)
@@ -763,13 +763,16 @@ def finetune(
 
     def loss_fn(m: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         counter["micro_batches"] += 1
-        # Every batch weighs 1 (its own mean loss), as the official step loss: cloze batches average over
-        # examples, block-LM batches (D.10) over their target tokens.
+        # As the official step loss: a cloze step averages over its examples (each micro-batch weighs 1), a
+        # block-LM step (D.10) over its target tokens, counted over every micro-batch and rank (`step_weight`),
+        # so that data-parallel steps equal one process.
         if "labels" not in batch:
-            total, weight = glm_loss(m, batch)
-            return total / weight.clamp(min=1.0), torch.ones(())
+            return glm_loss(m, batch)
         scores = batch_scores(m, batch, data.mode, length_penalty)
         return cloze_loss(scores, batch["labels"], loss_func), torch.ones(())
+
+    def step_weight(batch: dict[str, Tensor]) -> float:
+        return count_loss_tokens(batch) if "labels" not in batch else 1.0
 
     def dev_metrics(m: nn.Module) -> dict[str, float]:
         scores = predict_scores(
@@ -812,7 +815,7 @@ def finetune(
         evaluate=dev_metrics,
         key_metric=key_metric,
         loss_fn=loss_fn,
-        count_fn=lambda b: 1.0,
+        count_fn=step_weight,
         resume=train.resume,
         best=best,
         step_fn=lambda: counter["micro_batches"],
