@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -59,3 +61,53 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write `text` as UTF-8 to `path` atomically (see `write_bytes_atomic`)."""
     write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def replace_directory(dst: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Write a new directory `dst` with `write(folder)` and move it into place only once complete: until then
+    `dst` keeps what it had, and a failure leaves no half-written output.
+
+    A new `dst` is written beside it and renamed. An existing one is rebuilt from the inside (new files
+    written into a hidden folder in it, the old entries moved aside into another, deleted last), so that
+    every move stays on `dst`'s filesystem: `dst` may be a mount point, which cannot itself be renamed.
+    """
+    target = Path(os.path.realpath(dst))
+    if not target.is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            tmp.mkdir()
+            write(tmp)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
+    tmp, old = target / f".new-{os.getpid()}.tmp", target / f".old-{os.getpid()}.tmp"
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        write(tmp)
+        old.mkdir()
+        previous = [p for p in target.iterdir() if p not in (tmp, old)]
+        moved_in: list[Path] = []
+        try:
+            for path in previous:
+                os.replace(path, old / path.name)
+            for path in list(tmp.iterdir()):
+                os.replace(path, target / path.name)
+                moved_in.append(target / path.name)
+        except BaseException:
+            for path in moved_in:
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+            for path in list(old.iterdir()):
+                os.replace(path, target / path.name)
+            old.rmdir()  # only once empty: the user's files are never deleted on this path
+            raise
+        shutil.rmtree(old)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -13,8 +13,7 @@ import logging
 import os
 import pickle
 import re
-import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from openglm.atomic import replace_directory
 from openglm.config import GLMConfig
 
 log = logging.getLogger(__name__)
@@ -448,53 +448,6 @@ def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
             raise ValueError(f"{dst}: replacing it would delete the source checkpoint {src}")
 
 
-def _replace_directory(dst: Path, write: Callable[[Path], None]) -> None:
-    """Write a new `dst` with `write` and move it into place only once complete: until then `dst` keeps what
-    it had, and a failure leaves no half-written output.
-
-    A new `dst` is written beside it and renamed. An existing one is rebuilt from the inside (new files
-    written into a hidden folder in it, the old entries moved aside into another, deleted last), so that
-    every move stays on `dst`'s filesystem: `dst` may be a mount point, which cannot itself be renamed."""
-    target = Path(os.path.realpath(dst))
-    if not target.is_dir():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            write(tmp)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return
-    tmp, old = target / f".convert-{os.getpid()}.tmp", target / f".convert-{os.getpid()}.old"
-    for leftover in (tmp, old):
-        shutil.rmtree(leftover, ignore_errors=True)
-    try:
-        write(tmp)
-        old.mkdir()
-        previous = [p for p in target.iterdir() if p not in (tmp, old)]
-        moved_in: list[Path] = []
-        try:
-            for path in previous:
-                os.replace(path, old / path.name)
-            for path in list(tmp.iterdir()):
-                os.replace(path, target / path.name)
-                moved_in.append(target / path.name)
-        except BaseException:
-            for path in moved_in:
-                if path.is_dir():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink(missing_ok=True)
-            for path in list(old.iterdir()):
-                os.replace(path, target / path.name)
-            old.rmdir()  # only once empty: the user's files are never deleted on this path
-            raise
-        shutil.rmtree(old)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def convert(
     src: str,
     dst: str,
@@ -518,8 +471,8 @@ def convert(
         dtype: optional dtype of the saved weights: float32, bfloat16 or float16.
         tokenizer: "KIND:VOCAB_PATH" (e.g. bert:bert-large-uncased-vocab.txt; official checkpoints carry no
             vocab) or a saved tokenizer directory; default: the one found in `src`, if any.
-        overwrite: replace a non-empty `dst` (the new directory is written beside it and then moved into
-            its place, so a failed conversion keeps the old one).
+        overwrite: replace a non-empty `dst` (the new directory is written completely before it takes the
+            old one's place, so a failed conversion keeps the old one).
 
     Returns:
         The output directory.
@@ -543,7 +496,7 @@ def convert(
         if tok is not None:
             tok.save_pretrained(directory)
 
-    _replace_directory(Path(dst), write)
+    replace_directory(dst, write)
     if tok is None:
         log.warning(
             "%s carries no tokenizer: %s holds the model only (add one with --tokenizer KIND:VOCAB_PATH)",

@@ -8,8 +8,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from openglm import parallel
-from openglm.atomic import write_text_atomic
+from openglm.atomic import replace_directory, write_text_atomic
 from openglm.lora import LoRASettings, add_lora, trainable_summary
 from openglm.parallel import unwrap
 
@@ -117,21 +115,12 @@ def save_model_dir(model: nn.Module, tokenizer: Any, directory: Path) -> None:
         tokenizer: a tokenizer with `save_pretrained(dir)`.
         directory: the target directory (an existing one is replaced).
     """
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        old = directory.with_name(f".{directory.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        if directory.exists():
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    replace_directory(directory, write)
 
 
 class RankShard:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from openglm import parallel
-from openglm.atomic import write_text_atomic
+from openglm.atomic import replace_directory, write_text_atomic
 from openglm.blank_infilling import ObjectiveConfig
 from openglm.config import GLMConfig, pad_vocab_size
 from openglm.model import GLMModel
@@ -328,20 +328,10 @@ def _export(checkpoint: Path, model_dir: Path, tokenizer: Any) -> None:
     """
     import shutil
 
-    tmp = model_dir.with_name(model_dir.name + ".tmp")
-    old = model_dir.with_name(model_dir.name + ".old")
-    for leftover in (tmp, old):
-        if leftover.exists():
-            shutil.rmtree(leftover)
-    try:
-        tmp.mkdir(parents=True)
+    def write(folder: Path) -> None:
         for name in ("config.json", "model.safetensors"):
-            shutil.copy2(checkpoint / name, tmp / name)
+            shutil.copy2(checkpoint / name, folder / name)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if model_dir.exists():
-            os.replace(model_dir, old)
-        os.replace(tmp, model_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
+            tokenizer.save_pretrained(folder)
+
+    replace_directory(model_dir, write)
