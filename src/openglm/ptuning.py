@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
-from openglm.atomic import write_text_atomic
+from openglm.atomic import write_bytes_atomic, write_text_atomic
 from openglm.model import GLMModel, GLMOutput
 
 ENCODERS = ("lstm", "mlp", "none")
@@ -117,26 +117,23 @@ class GLMWithPrompts(nn.Module):
     ) -> GLMOutput:
         """`GLMModel.forward`, with the word embeddings at `prompt_pos` [B, n] (indices into each row's T
         tokens, in prompt order) replaced by the n prompt vectors. Without `prompt_pos`: the plain model."""
-        if prompt_pos is None:
-            if not (self.training and torch.is_grad_enabled()):
-                return self.model(input_ids, position_ids, attention_mask=attention_mask, **kwargs)
-            # A training batch without prompts (block-LM regularisation) must still reach every prompt
-            # parameter: DDP expects a gradient for each one at every step. Zero times the prompts adds none.
-            words = self.model.word_embeddings(input_ids)
-            words = words + 0.0 * self.encoder().sum().to(words.dtype)
-            return self.model(
-                input_ids, position_ids, attention_mask=attention_mask, input_embeds=words, **kwargs
-            )
+        if prompt_pos is None and not (self.training and torch.is_grad_enabled()):
+            return self.model(input_ids, position_ids, attention_mask=attention_mask, **kwargs)
         B = input_ids.shape[0]
-        if prompt_pos.shape != (B, self.encoder.num_tokens):
-            raise ValueError(
-                f"prompt_pos must be [B, n] = [{B}, {self.encoder.num_tokens}] (the encoder's prompt tokens); "
-                f"got {tuple(prompt_pos.shape)}"
-            )
         words = self.model.word_embeddings(input_ids)
         prompts = self.encoder().to(words.dtype)  # [n, C]
-        rows = torch.arange(B, device=input_ids.device)[:, None].expand_as(prompt_pos)
-        words = words.index_put((rows, prompt_pos), prompts.expand(B, -1, -1))
+        if prompt_pos is None:
+            # A training batch without prompts (block-LM regularisation) must still reach every prompt
+            # parameter: DDP expects a gradient for each one at every step. Zero times the prompts adds none.
+            words = words + 0.0 * prompts.sum()
+        else:
+            if prompt_pos.shape != (B, self.encoder.num_tokens):
+                raise ValueError(
+                    f"prompt_pos must be [B, n] = [{B}, {self.encoder.num_tokens}] (the encoder's prompt "
+                    f"tokens); got {tuple(prompt_pos.shape)}"
+                )
+            rows = torch.arange(B, device=input_ids.device)[:, None].expand_as(prompt_pos)
+            words = words.index_put((rows, prompt_pos), prompts.expand(B, -1, -1))
         return self.model(
             input_ids, position_ids, attention_mask=attention_mask, input_embeds=words, **kwargs
         )
@@ -146,9 +143,7 @@ class GLMWithPrompts(nn.Module):
         directory = Path(directory)
         self.model.save_pretrained(directory)
         weights = {k: v.detach().cpu().contiguous() for k, v in self.encoder.state_dict().items()}
-        tmp = directory / (PROMPT_WEIGHTS + ".tmp")
-        save_file(weights, str(tmp))
-        os.replace(tmp, directory / PROMPT_WEIGHTS)
+        write_bytes_atomic(directory / PROMPT_WEIGHTS, save(weights))
         meta = {
             "num_tokens": self.encoder.num_tokens,
             "encoder": self.encoder.kind,

@@ -9,10 +9,10 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
-from openglm.atomic import write_text_atomic
+from openglm.atomic import write_bytes_atomic, write_text_atomic
 from openglm.model import GLMModel
 from openglm.tasks.cloze import (
     PADDED_CHOICE_SCORE,
@@ -88,9 +88,7 @@ class GLMForSequenceClassification(nn.Module):
             for k, v in self.state_dict().items()
             if not k.startswith("model.")
         }
-        tmp = directory / (HEAD_WEIGHTS + ".tmp")
-        save_file(head, str(tmp))
-        os.replace(tmp, directory / HEAD_WEIGHTS)
+        write_bytes_atomic(directory / HEAD_WEIGHTS, save(head))
         meta = {"num_classes": self.num_classes, "pool_token": self.pool_token, "dropout": self.dropout.p}
         write_text_atomic(directory / HEAD_CONFIG, json.dumps(meta, indent=1) + "\n")
 

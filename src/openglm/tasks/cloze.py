@@ -526,8 +526,7 @@ def collate(samples: Sequence[ClozeSample]) -> dict[str, Tensor]:
         }
         if samples[0].label_ids is not None:  # cloze rows; classifier-head rows have no label words
             batch["label_ids"] = torch.from_numpy(np.stack([s.label_ids for s in samples]))
-        if samples[0].prompt_pos is not None:
-            _prompt_count(samples)
+        if prompt_count(samples) is not None:
             batch["prompt_pos"] = torch.from_numpy(np.stack([s.prompt_pos for s in samples]))
         return batch
     C = max(s.num_choices for s in samples)
@@ -556,8 +555,8 @@ def collate(samples: Sequence[ClozeSample]) -> dict[str, Tensor]:
         "choice_mask": torch.from_numpy(choice_mask),
         "labels": labels,
     }
-    if samples[0].prompt_pos is not None:
-        n = _prompt_count(samples)
+    n = prompt_count(samples)
+    if n is not None:
         prompt_pos = np.zeros((B, C, n), dtype=np.int64)  # padded choices point at index 0
         for b, s in enumerate(samples):
             prompt_pos[b, : s.num_choices] = s.prompt_pos
@@ -565,13 +564,13 @@ def collate(samples: Sequence[ClozeSample]) -> dict[str, Tensor]:
     return batch
 
 
-def _prompt_count(samples: Sequence[ClozeSample]) -> int:
-    counts = {None if s.prompt_pos is None else s.prompt_pos.shape[-1] for s in samples}
-    if len(counts) != 1:
-        raise ValueError(
-            f"a batch mixes examples with different numbers of prompt tokens: {sorted(map(str, counts))}"
-        )
-    return int(counts.pop())
+def prompt_count(samples: Sequence[ClozeSample]) -> int | None:
+    """The number of continuous-prompt placeholders every sample has (None: none has any); samples with
+    different numbers cannot share a batch or a prompt encoder."""
+    counts = {None if s.prompt_pos is None else int(s.prompt_pos.shape[-1]) for s in samples}
+    if len(counts) > 1:
+        raise ValueError(f"the examples place different numbers of prompt tokens: {sorted(map(str, counts))}")
+    return counts.pop() if counts else None
 
 
 def cloze_scores(model: torch.nn.Module, batch: dict[str, Tensor], length_penalty: float = 0.0) -> Tensor:

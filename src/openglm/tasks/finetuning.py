@@ -4,6 +4,7 @@ the selection rule shared by classification, seq2seq and text-infilling fine-tun
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -26,6 +27,16 @@ if TYPE_CHECKING:
     from openglm.train.settings import OptimSettings, TrainSettings
 
 logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Draw from torch's global RNG as if just seeded with `seed`, and leave it as it was afterwards: new
+    parameters (a classifier head, LoRA adapters, a prompt encoder) then depend on the run's seed only, not
+    on whatever ran before in the process."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 @dataclass
@@ -221,8 +232,7 @@ def fit_keeping_best(
     if env.distributed:
         batches = RankShard(batches, env.rank, env.world_size)
     if lora is not None:
-        with torch.random.fork_rng(devices=[]):  # the adapters' initialisation depends on the seed only
-            torch.manual_seed(settings.seed)
+        with seeded(settings.seed):
             adapted = add_lora(model, lora)
         logger.info("LoRA rank %d on %d layers: %s", lora.rank, adapted, trainable_summary(model))
 

@@ -43,8 +43,9 @@ from openglm.tasks.cloze import (
     collate,
     encode_example,
     filled_pattern_tokens,
+    prompt_count,
 )
-from openglm.tasks.finetuning import BestDev, check_run_dir, fit_keeping_best, restore_progress
+from openglm.tasks.finetuning import BestDev, check_run_dir, fit_keeping_best, restore_progress, seeded
 from openglm.tasks.metrics import compute_metrics
 from openglm.tasks.superglue import SPLIT_FILES, TASKS, SuperGLUETask, get_task
 
@@ -602,10 +603,7 @@ def attach_prompts(
     """The model that reads the samples' prompt tokens: a P-tuned model is checked against them; for
     training (`train` given) a plain GLM gets a new prompt encoder when they have any, and
     `train.freeze_transformer` freezes the GLM."""
-    counts = {None if s.prompt_pos is None else int(s.prompt_pos.shape[-1]) for s in samples}
-    if len(counts) > 1:
-        raise ValueError(f"the examples place different numbers of prompt tokens: {sorted(map(str, counts))}")
-    n = counts.pop() if counts else None
+    n = prompt_count(samples)
     if isinstance(net, GLMWithPrompts):
         if n != net.encoder.num_tokens:
             raise ValueError(
@@ -622,8 +620,7 @@ def attach_prompts(
                 "P-tuning (prompt tokens) and LoRA (train.lora_rank) are separate methods; pick one"
             )
         device = next(net.parameters()).device
-        with torch.random.fork_rng(devices=[]):  # the initial prompts depend on train.seed only
-            torch.manual_seed(train.seed)
+        with seeded(train.seed):
             encoder = PromptEncoder(n, net.config.hidden_size, data.prompt_encoder)
         if data.prompt_init:
             generator = torch.Generator().manual_seed(train.seed)
@@ -715,8 +712,7 @@ def finetune(
     device = parallel.init_distributed(train.device).device  # under torchrun: this rank's GPU
     tok = load_tokenizer(model, tokenizer)
     data = prompt_data(model, data)
-    with torch.random.fork_rng(devices=[]):  # a new classifier head's initialisation depends on the seed only
-        torch.manual_seed(train.seed)
+    with seeded(train.seed):  # a new classifier head
         net = load_model(model, t, data, device)
     _check_vocab(net, tok, model)
     hp = official_defaults(t, train)
