@@ -94,6 +94,12 @@ class InputReport:
         ]
         return ", ".join(parts) or "no text found"
 
+    def log_skipped(self) -> None:
+        """One warning per kind of skipped input: its count and where it was first seen."""
+        for kind, count in self.skipped.items():
+            first = f" (first at {self.first[kind]})" if kind in self.first else ""
+            log.warning("skipped %d x %s%s", count, kind, first)
+
 
 def open_binary(path: Path) -> io.BufferedIOBase:
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # noqa: SIM115

@@ -367,19 +367,6 @@ class ShardWriter:
         write_bytes_atomic(self.out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
         return manifest
 
-    def abort(self) -> None:
-        """Remove what this writer wrote (no manifest is written, so nothing half-done is readable)."""
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-        if self._tmp is not None and self._tmp.exists():
-            self._tmp.unlink()
-        for shard in self.shards:
-            for key in ("tokens", "index", "prompt"):
-                if key in shard:
-                    (self.out / shard[key]).unlink(missing_ok=True)
-        self.shards = []
-
 
 _WORKER_TOKENIZER: Any = None
 
@@ -464,7 +451,8 @@ def prepare_corpus(
         strict: stop at the first bad input (invalid UTF-8, invalid JSON, missing field, empty file)
             instead of skipping and counting it.
         overwrite: replace the shards OUT already holds (its other files are kept). The new shards are
-            built beside OUT and moved in only when complete, so a failed run leaves the old ones.
+            built in a hidden folder inside OUT and moved in only when complete, so a failed run leaves the
+            old ones.
         progress: show a progress bar.
 
     `input`, `tokenizer` and `out` are required; they have defaults only so that the command line takes them
@@ -548,9 +536,7 @@ def prepare_corpus(
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
-    for kind, count in report.skipped.items():
-        first = f" (first at {report.first[kind]})" if kind in report.first else ""
-        log.warning("skipped %d x %s%s", count, kind, first)
+    report.log_skipped()
     log.info(
         "wrote %d documents, %d tokens (%s) in %d shard(s) to %s",
         manifest["num_docs"],

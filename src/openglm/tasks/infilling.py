@@ -21,7 +21,7 @@ from openglm.atomic import write_text_atomic
 from openglm.lora import LoRASettings
 from openglm.tasks.files import find_split_file, line_of, read_jsonl, read_text, row_text, split_file_names
 from openglm.tasks.finetuning import check_run_dir, finetune_generation
-from openglm.tasks.lm_eval import Sample, collate
+from openglm.tasks.lm_eval import Sample, check_src_length, collate
 
 logger = logging.getLogger(__name__)
 
@@ -430,16 +430,6 @@ def finetune_infilling(
         lora=lora,
         resume=resume,
     )
-
-
-def check_src_length(src_seq_length: int, model: nn.Module) -> None:
-    """Refuse rows longer than the model's position table, which would index past it."""
-    limit = model.config.max_sequence_length
-    if src_seq_length > limit:
-        raise ValueError(
-            f"src_seq_length={src_seq_length} exceeds the model's max_sequence_length {limit}; pass "
-            f"--data.max_seq_length {limit} (or less)"
-        )
 
 
 def run_infilling_eval(

@@ -518,6 +518,16 @@ def row_length(model: torch.nn.Module, seq_length: int | None, default: int) -> 
     return seq_length
 
 
+def check_src_length(src_seq_length: int, model: torch.nn.Module) -> None:
+    """Refuse rows longer than the model's position table, which would index past it."""
+    limit = model.config.max_sequence_length
+    if src_seq_length > limit:
+        raise ValueError(
+            f"src_seq_length={src_seq_length} exceeds the model's max_sequence_length {limit}; pass "
+            f"--data.max_seq_length {limit} (or less)"
+        )
+
+
 def windows_nll(
     model: torch.nn.Module,
     samples: Sequence[Sample],

@@ -26,7 +26,7 @@ from openglm.atomic import write_text_atomic
 from openglm.lora import LoRASettings
 from openglm.tasks.files import find_split_file, line_of, read_jsonl, read_text, row_text, split_file_names
 from openglm.tasks.finetuning import check_run_dir, finetune_generation
-from openglm.tasks.lm_eval import Sample, collate, default_mask_id, two_part_row
+from openglm.tasks.lm_eval import Sample, check_src_length, collate, default_mask_id, two_part_row
 
 logger = logging.getLogger(__name__)
 
@@ -646,12 +646,7 @@ def run_seq2seq_eval(
 
     device = str(parallel.init_distributed(device).device)  # under torchrun: this rank's GPU
     model, tokenizer = load_model_and_tokenizer(model_dir, tokenizer_dir, device)
-    if src_seq_length > model.config.max_sequence_length:
-        raise ValueError(
-            f"src_seq_length={src_seq_length} exceeds the model's max_sequence_length "
-            f"{model.config.max_sequence_length}; pass --data.max_seq_length {model.config.max_sequence_length} "
-            "(or less)"
-        )
+    check_src_length(src_seq_length, model)
     decode = DecodeSettings(num_beams, length_penalty, min_length, no_repeat_ngram_size)
     return evaluate_seq2seq(
         model,

@@ -140,13 +140,10 @@ def train_tokenizer(
     tok = train_bpe(
         document_batches(documents, standardize_punctuation, progress), vocab_size, min_frequency, progress
     )
-    for kind, count in report.skipped.items():
-        example = next((e for e in report.examples if kind in e), "-")
-        log.warning("skipped %d x %s (e.g. %s)", count, kind, example)
+    report.log_skipped()
     if report.documents == 0:
-        detail = ", ".join(f"{k}: {v}" for k, v in report.skipped.items()) or "no text found"
         raise ValueError(
-            f"tokenizer train: no documents were read from {len(files)} input file(s) ({detail})"
+            f"tokenizer train: no documents were read from {len(files)} input file(s) ({report.summary()})"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     data = tok.to_str().encode("utf-8")
