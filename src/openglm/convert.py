@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+# The weight dtypes a converted or loaded model may be cast to (`--dtype`).
+WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _MP_FILE = re.compile(r"mp_rank_(\d+)_model_states\.pt$")
 _INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _SHARD_FILE = re.compile(r"-\d+-of-\d+\.(safetensors|bin)$")
@@ -480,11 +482,12 @@ def convert(
     from openglm.model import GLMModel
     from openglm.tokenizer import GLMTokenizer
 
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype is not None and dtype not in dtypes:
-        raise ValueError(f"dtype={dtype!r}; expected one of {list(dtypes)}")
+    if dtype is not None and dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"dtype={dtype!r}; expected one of {list(WEIGHT_DTYPES)}")
     _check_destination(Path(src), Path(dst), overwrite)
-    model = GLMModel.from_pretrained(src, config=model_config, dtype=dtypes.get(dtype) if dtype else None)
+    model = GLMModel.from_pretrained(
+        src, config=model_config, dtype=WEIGHT_DTYPES.get(dtype) if dtype else None
+    )
     tok = GLMTokenizer.from_spec(tokenizer) if tokenizer else find_tokenizer(Path(src), model.config)
     if tok is not None and tok.num_tokens > model.config.vocab_size:
         raise ValueError(

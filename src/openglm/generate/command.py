@@ -9,9 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-import torch
-
 from openglm import parallel
+from openglm.convert import WEIGHT_DTYPES
 from openglm.generate.decoding import GenerationConfig
 from openglm.generate.infill import FilledText, TokenEvent, fill_blanks
 
@@ -46,9 +45,6 @@ def _read_lines(stream: Any, where: str) -> Iterator[str]:
 def _read_file(path: Path) -> Iterator[str]:
     with path.open("rb") as handle:
         yield from _read_lines(handle, str(path))
-
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _batches(lines: Iterator[str], size: int) -> Iterator[list[str]]:
@@ -167,9 +163,9 @@ def infill(
         top_p=top_p, num_beams=num_beams, length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
         repetition_penalty=repetition_penalty, mem_length=mem_length, seed=seed,
     )  # fmt: skip
-    if dtype is not None and dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported; expected one of {', '.join(_DTYPES)}")
-    torch_dtype = _DTYPES[dtype] if dtype is not None else None
+    if dtype is not None and dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; expected one of {', '.join(WEIGHT_DTYPES)}")
+    torch_dtype = WEIGHT_DTYPES[dtype] if dtype is not None else None
     if not Path(model_dir).exists():
         raise FileNotFoundError(f"model directory not found: {model_dir}")
     if not interactive and text != "-" and not text.startswith("@") and not text.strip():
