@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from openglm.tasks.cloze import LOSS_FUNCS, MASK, ClozeTask, Example, Fragment
-from openglm.tasks.files import Rows, line_of, not_utf8, read_jsonl, read_text
+from openglm.tasks.files import Rows, line_of, not_utf8, read_jsonl, read_text, row_field, show_value
 from openglm.tasks.metrics import METRICS
 from openglm.tasks.superglue import standardize_punctuation
 
@@ -55,11 +55,6 @@ def _default_ok(key: str, value: Any) -> bool:
     if key == "warmup":
         return 0 <= value < 1
     return value >= 0
-
-
-def _show(value: Any) -> str:
-    text = "null" if value is None else repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class CustomTask(ClozeTask):
@@ -201,7 +196,7 @@ class CustomTask(ClozeTask):
 
     def _check(self, key: str, value: Any, ok: Any, expected: str) -> None:
         if not ok:
-            raise ValueError(f"{self.source}: field {key!r} must be {expected}, got {_show(value)}")
+            raise ValueError(f"{self.source}: field {key!r} must be {expected}, got {show_value(value, 60)}")
 
     def _unique(self, key: str, values: list[str], what: str = "values") -> None:
         repeated = sorted({v for v in values if values.count(v) > 1})
@@ -300,7 +295,7 @@ class CustomTask(ClozeTask):
             label = row.get(self.label_field)
             if isinstance(label, list | dict):
                 raise ValueError(
-                    f"{path}:{n}: label field {self.label_field!r} must be a value, got {_show(label)}"
+                    f"{path}:{n}: label field {self.label_field!r} must be a value, got {show_value(label, 60)}"
                 )
             if label is not None:
                 label = str(label).lower() if isinstance(label, bool) else str(label)
@@ -320,11 +315,9 @@ class CustomTask(ClozeTask):
         return out
 
     def _text(self, row: dict[str, Any], field: str, path: Path, n: int) -> str:
-        if field not in row:
-            raise ValueError(f"{path}:{n}: the row has no field {field!r} (fields: {sorted(row)})")
-        text = row[field]
+        text = row_field(row, field, path, n)
         if not isinstance(text, str):
-            raise ValueError(f"{path}:{n}: field {field!r} must be text, got {_show(text)}")
+            raise ValueError(f"{path}:{n}: field {field!r} must be text, got {show_value(text, 60)}")
         return standardize_punctuation(text) if self.normalize else text
 
     # -- pattern ----------------------------------------------------------------------------------------------

@@ -108,7 +108,7 @@ def row_field(row: dict[str, Any], name: str, path: str | os.PathLike, n: int) -
         The field's value.
     """
     if not isinstance(row, dict):
-        raise ValueError(f"{path}:{n}: expected an object holding {name!r}, got {_show(row)}")
+        raise ValueError(f"{path}:{n}: expected an object holding {name!r}, got {show_value(row)}")
     if name not in row:
         raise ValueError(f"{path}:{n}: the row has no field {name!r} (fields: {sorted(row)})")
     return row[name]
@@ -119,15 +119,16 @@ def row_text(row: dict[str, Any], name: str, path: str | os.PathLike, n: int, em
     a number or null where text belongs is a broken row, and turning it into "5" or "None" would hide that."""
     value = row_field(row, name, path, n)
     if not isinstance(value, str):
-        raise ValueError(f"{path}:{n}: field {name!r} must be a string, got {_show(value)}")
+        raise ValueError(f"{path}:{n}: field {name!r} must be a string, got {show_value(value)}")
     if not empty and not value.strip():
         raise ValueError(f"{path}:{n}: field {name!r} is empty")
     return value
 
 
-def _show(value: Any) -> str:
+def show_value(value: Any, limit: int = 40) -> str:
+    """A data value as a message shows it: JSON's null for None, else its repr, cut to `limit` characters."""
     text = "null" if value is None else repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # The names a split's file goes by in a data folder (the official seq2seq and Yahoo folders say `val`).
