@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -9,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from openglm.atomic import write_bytes_atomic
 from openglm.train.loop import METRICS_NAME
 
 log = logging.getLogger(__name__)
@@ -116,14 +118,9 @@ def plot(run: str, out: str | None = None) -> str:
         ax_lr.grid(alpha=0.3)
         fig.suptitle(Path(run).name)
         fig.tight_layout()
-        # A unique hidden temporary next to the target, removed whatever happens: the image appears whole
-        # or not at all, and nothing is left behind.
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
-            fig.savefig(tmp, dpi=110, format=fmt)
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
+        image = io.BytesIO()
+        fig.savefig(image, dpi=110, format=fmt)
+        write_bytes_atomic(target, image.getvalue())  # the image appears whole or not at all
     finally:
         plt.close(fig)
     return str(target)
