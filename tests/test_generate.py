@@ -387,6 +387,30 @@ def test_streaming_matches_result() -> None:
             assert [e.token_id for e in events if (e.text_index, e.blank_index) == (i, k)] == blank.token_ids
 
 
+def test_decoding_leaves_no_packed_weights_behind() -> None:
+    """The decoding steps pack the weights for their row count; the copies go when the loop ends or is closed."""
+    from openglm.generate import fill_events
+    from openglm.model import Linear
+
+    from openglm.model import _MKL_PACKING
+
+    model = _tiny_model(4)
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    seen: list[bool] = []
+    hook = model.register_forward_hook(lambda *_: seen.append(model.output_packed is not None))
+    try:
+        for beams in (1, 2):
+            fill_blank_ids(model, TEXTS, MASKS, SPECIAL, max_length=3, num_beams=beams)
+            assert model.output_packed is None and all(m.packed is None for m in linears)
+    finally:
+        hook.remove()
+    assert any(seen) is _MKL_PACKING  # the steps did run packed where MKL is there
+    events = fill_events(model, TEXTS, MASKS, SPECIAL, GenerationConfig(max_length=3))
+    next(events)
+    events.close()
+    assert model.output_packed is None and all(m.packed is None for m in linears)
+
+
 def test_iteration_leaves_caller_state_alone() -> None:
     """Between streamed tokens the caller keeps grad mode; the model's train/eval flag is restored after."""
     from openglm.generate import fill_events

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from tests.conftest import reference_dir
 
 from openglm import GLMConfig, GLMModel, KVCache
-from openglm.model import build_attention_mask, linear
+from openglm.model import _MKL_PACKING, Linear, build_attention_mask, linear, pack_weight
 
 ATOL = 1e-4
 
@@ -225,3 +225,53 @@ def test_few_rows_linear_equals_f_linear_with_gradients(rows, with_bias):
     wanted = torch.autograd.grad(expected.square().sum(), [x, weight] + ([bias] if with_bias else []))
     for got, want in zip(grads, wanted, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+needs_mkl = pytest.mark.skipif(not _MKL_PACKING, reason="this torch build has no MKL packed GEMM")
+
+
+@needs_mkl
+def test_packed_linear_equals_f_linear_and_never_uses_a_stale_copy():
+    torch.manual_seed(0)
+    weight, bias = torch.randn(40, 24), torch.randn(40)
+    packed = pack_weight(weight, 8)
+    with torch.no_grad():
+        for x in (torch.randn(8, 1, 24), torch.randn(24, 8).t(), torch.randn(2, 4, 24)):
+            torch.testing.assert_close(
+                linear(x, weight, bias, packed), torch.nn.functional.linear(x, weight, bias)
+            )
+        x = torch.randn(8, 24)
+        other = pack_weight(torch.randn(40, 24), 8)  # another weight's copy: ignored
+        torch.testing.assert_close(
+            linear(x, weight, bias, other), torch.nn.functional.linear(x, weight, bias)
+        )
+        weight.mul_(2.0)  # updated in place after packing: the copy is stale
+        torch.testing.assert_close(
+            linear(x, weight, bias, packed), torch.nn.functional.linear(x, weight, bias)
+        )
+    # With gradients wanted, the plain kernels run (the packed product has no backward).
+    weight = torch.randn(40, 24, requires_grad=True)
+    out = linear(x, weight, None, pack_weight(weight, 8))
+    (grad,) = torch.autograd.grad(out.sum(), [weight])
+    torch.testing.assert_close(grad, x.sum(0).expand(40, 24))
+
+
+def test_pack_weights_keeps_the_step_and_is_undone():
+    """A decoding step with packed weights gives the logits of the plain kernels; None drops every copy."""
+    torch.manual_seed(1)
+    model = GLMModel(GLMConfig.from_name("tiny")).eval()
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    ids = torch.randint(0, 100, (4, 6))
+    pos = torch.stack([torch.arange(6).expand(4, 6), torch.zeros(4, 6, dtype=torch.long)], dim=1)
+    step = torch.tensor([[[6], [0]]]).expand(4, 2, 1)
+    with torch.no_grad():
+        cache = model(ids, pos, use_cache=True).cache
+        plain = model(ids[:, :1], step, cache=cache).logits
+        cache.truncate(6)
+        assert model.pack_weights(4) is _MKL_PACKING
+        assert all((m.packed is not None) is _MKL_PACKING for m in linears)
+        packed = model(ids[:, :1], step, cache=cache).logits
+    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
+    assert not model.pack_weights(1) and not model.pack_weights(65)  # plain kernels serve these
+    assert model.pack_weights(None) is False
+    assert model.output_packed is None and all(m.packed is None for m in linears)

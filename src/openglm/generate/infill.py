@@ -404,6 +404,7 @@ def fill_events(
         loop = _decode_beam if config.num_beams > 1 else _decode_stepwise
         yield from loop(state, rows, config, special, stop_ids)
     finally:
+        model.pack_weights(None)  # the decoding steps packed them (DecodeState.feed)
         model.train(was_training)
     return [r.fills for r in rows]
 

@@ -79,7 +79,13 @@ class DecodeState:
         S = self.cache.length
         past = self.visible() if S else torch.zeros(B, 0, dtype=torch.bool, device=self.device)
         if T == 1:  # the decoding step: each row sees its visible cache and itself
-            mask = torch.cat([past, past.new_ones(B, 1)], dim=-1)[:, None, None, :]  # (B, 1, 1, S + 1)
+            # Every step of a loop has the same rows (until finished ones are dropped): weights packed for
+            # that row count make the step's products stream them once (GLMModel.pack_weights).
+            self.model.pack_weights(B)
+            if bool(past.all()):
+                mask = None  # every row sees every slot (no padding, no cap): attention's fastest path
+            else:
+                mask = torch.cat([past, past.new_ones(B, 1)], dim=-1)[:, None, None, :]  # (B, 1, 1, S + 1)
         else:
             if bidirectional:
                 new = real[:, None, :].expand(B, T, T)
