@@ -390,9 +390,7 @@ def test_streaming_matches_result() -> None:
 def test_decoding_leaves_no_packed_weights_behind() -> None:
     """The decoding steps pack the weights for their row count; the copies go when the loop ends or is closed."""
     from openglm.generate import fill_events
-    from openglm.model import Linear
-
-    from openglm.model import _MKL_PACKING
+    from openglm.model import _MKL_PACKING, Linear
 
     model = _tiny_model(4)
     linears = [m for m in model.modules() if isinstance(m, Linear)]
