@@ -266,6 +266,18 @@ def test_batched_equals_one_at_a_time(options: dict) -> None:
         assert [b.score for b in alone] == pytest.approx([b.score for b in row], abs=1e-4)
 
 
+def test_beams_sharing_the_context_equal_beams_with_copies() -> None:
+    """Beam search reads each text's cache once for all its beams (BeamState); with a memory cap every beam
+    has its own copy (DecodeState.expand). A cap larger than any text makes both paths decode the same."""
+    model = _tiny_model(5)
+    config = GenerationConfig(max_length=5, min_length=2, num_beams=3, length_penalty=0.7)
+    shared = fill_blank_ids(model, TEXTS, MASKS, SPECIAL, config)
+    copied = fill_blank_ids(model, TEXTS, MASKS, SPECIAL, config, mem_length=10_000)
+    assert _ids(shared) == _ids(copied)
+    for a, b in zip(shared, copied, strict=True):
+        assert [f.score for f in a] == pytest.approx([f.score for f in b], abs=1e-4)
+
+
 def test_one_dimensional_positions() -> None:
     """Models without block positions take [B, T] position ids; batching still changes nothing."""
     model = _tiny_model(12, block_position_encoding=False)

@@ -8,7 +8,14 @@ from safetensors.torch import load_file
 from tests.conftest import reference_dir
 
 from openglm import GLMConfig, GLMModel, KVCache
-from openglm.model import _MKL_PACKING, Linear, build_attention_mask, linear, pack_weight
+from openglm.model import (
+    _MKL_PACKING,
+    Linear,
+    SharedPrefixCache,
+    build_attention_mask,
+    linear,
+    pack_weight,
+)
 
 ATOL = 1e-4
 
@@ -275,3 +282,40 @@ def test_pack_weights_keeps_the_step_and_is_undone():
     assert not model.pack_weights(1) and not model.pack_weights(65)  # plain kernels serve these
     assert model.pack_weights(None) is False
     assert model.output_packed is None and all(m.packed is None for m in linears)
+
+
+def test_shared_prefix_cache_equals_a_copy_per_row():
+    """Beams reading one shared prefix row (with hidden slots) attend as if each had its own copy of it."""
+    torch.manual_seed(2)
+    texts, beams, P, nh, hs = 3, 2, 7, 2, 4
+    prefix = KVCache(1)
+    prefix.append(0, torch.randn(texts, nh, P, hs), torch.randn(texts, nh, P, hs))
+    prefix.commit()
+    visible = torch.ones(texts, P, dtype=torch.bool)
+    visible[1, 5:] = False  # padding of a shorter text
+    rows = torch.arange(texts).repeat_interleave(beams)
+    shared, copied = SharedPrefixCache(prefix, visible, beams), prefix.select(rows)
+    for step in range(3):
+        q, k, v = (torch.randn(texts * beams, nh, 1, hs) for _ in range(3))
+        mask = torch.cat([visible[rows], torch.ones(texts * beams, step + 1, dtype=torch.bool)], dim=1)
+        got = shared.attend(0, q, k, v, None, 0.0)
+        want = copied.attend(0, q, k, v, mask[:, None, None, :], 0.0)
+        shared.commit()
+        copied.commit()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    order = torch.tensor([1, 1, 2, 3, 5, 4])  # beams reorder within their text
+    shared.reorder_(order)
+    copied.reorder_(order, P)
+    kept = shared.select(torch.tensor([0, 1, 4, 5]))  # text 1 finished
+    assert kept.batch_size == 4 and kept.prefix.batch_size == 2 and kept.length == 3
+    q, k, v = (torch.randn(4, nh, 1, hs) for _ in range(3))
+    keep = torch.tensor([0, 1, 4, 5])
+    mask = torch.cat([visible[rows][keep], torch.ones(4, 4, dtype=torch.bool)], dim=1)
+    want = copied.select(keep).attend(0, q, k, v, mask[:, None, None, :], 0.0)
+    torch.testing.assert_close(kept.attend(0, q, k, v, None, 0.0), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="whole groups of 2"):
+        shared.select(torch.tensor([0, 2, 3]))
+    with pytest.raises(ValueError, match="one new token per row"):
+        shared.attend(
+            0, torch.randn(6, nh, 2, hs), torch.randn(6, nh, 2, hs), torch.randn(6, nh, 2, hs), None, 0.0
+        )

@@ -57,6 +57,13 @@ class KVCache:
         self._pending = new
         return buf_k[:, :, :end], buf_v[:, :, :end]
 
+    def attend(
+        self, layer: int, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float
+    ) -> Tensor:
+        """Attention of q ([B, nh, T, hs]) over the cached positions and the new k, v, which are appended."""
+        k, v = self.append(layer, k, v)  # (B, nh, S, hs)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
     def commit(self) -> None:
         """Called once per forward after every layer appended: the new positions become part of the cache."""
         self.length += self._pending
@@ -102,6 +109,76 @@ class KVCache:
                 self.keys[i] = k[:, :, start : self.length].clone()
                 self.values[i] = v[:, :, start : self.length].clone()
         self.length = n
+
+
+class SharedPrefixCache(KVCache):
+    """The cache of a beam search: each `group` consecutive rows (the beams of one text) share one row of a
+    `prefix` cache (the text's context and earlier fills) and hold only the positions decoded since.
+
+    Beams differ only in what they decoded, so a copy of the context per beam would make every step read it
+    `group` times (at batch 8, 4 beams and context 512 that is about 1.2 GB per step for glm-base); here a
+    step reads it once per text, the beams of a text being the query rows of its shared keys. Serves decoding
+    steps only: one new token per row, no attention mask (`visible` hides prefix slots; a beam sees all of
+    its own positions).
+    """
+
+    def __init__(self, prefix: KVCache, visible: Tensor, group: int) -> None:
+        if visible.shape != (prefix.batch_size, prefix.length):
+            raise ValueError(
+                f"visible must be [{prefix.batch_size}, {prefix.length}] for this prefix; got {tuple(visible.shape)}"
+            )
+        super().__init__(len(prefix.keys))
+        self.prefix, self.group = prefix, group
+        self.visible = visible
+        # (n, 1, 1, P); None when every prefix slot is visible (no padding), which spares a masking pass.
+        self._hidden = None if bool(visible.all()) else ~visible[:, None, None, :]
+
+    @property
+    def batch_size(self) -> int:
+        return self.prefix.batch_size * self.group
+
+    def attend(
+        self, layer: int, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float
+    ) -> Tensor:
+        rows, nh, T, hs = q.shape
+        if T != 1 or mask is not None or rows != self.batch_size:
+            raise ValueError(
+                f"a shared-prefix cache of {self.batch_size} rows takes one new token per row and no mask; "
+                f"got {rows} rows of {T} tokens{' with a mask' if mask is not None else ''}"
+            )
+        own_k, own_v = self.append(layer, k, v)  # (rows, nh, t, hs)
+        n, g, t, P = self.prefix.batch_size, self.group, own_k.size(2), self.prefix.length
+        shared_k = self.prefix.keys[layer][:, :, :P]  # (n, nh, P, hs)
+        shared_v = self.prefix.values[layer][:, :, :P]
+        scale = 1.0 / math.sqrt(hs)
+        grouped = q.view(n, g, nh, hs).transpose(1, 2)  # (n, nh, g, hs): a text's beams as its query rows
+        shared = torch.matmul(grouped, shared_k.transpose(-1, -2)).mul_(scale)  # (n, nh, g, P)
+        if self._hidden is not None:
+            shared.masked_fill_(self._hidden, float("-inf"))
+        own = torch.matmul(q, own_k.transpose(-1, -2)).mul_(scale)  # (rows, nh, 1, t)
+        own = own.view(n, g, nh, t).transpose(1, 2)  # (n, nh, g, t)
+        probs = torch.cat([shared, own], dim=-1).softmax(dim=-1)  # (n, nh, g, P + t)
+        if dropout_p:
+            probs = F.dropout(probs, dropout_p)
+        out = torch.matmul(probs[..., :P], shared_v)  # (n, nh, g, hs)
+        out = out.transpose(1, 2).reshape(rows, nh, 1, hs)
+        own_probs = probs[..., P:].transpose(1, 2).reshape(rows, nh, 1, t)
+        return out.add_(torch.matmul(own_probs, own_v))
+
+    def select(self, index: Tensor) -> SharedPrefixCache:
+        """A new cache of the rows `index`, which must be whole groups in order (dropping finished texts)."""
+        g = self.group
+        groups = index[::g] // g
+        if index.numel() % g or not torch.equal(
+            index, (groups[:, None] * g + torch.arange(g, device=index.device)).reshape(-1)
+        ):
+            raise ValueError(
+                f"a shared-prefix cache keeps or drops whole groups of {g} rows; got rows {index.tolist()}"
+            )
+        out = SharedPrefixCache(self.prefix.select(groups), self.visible.index_select(0, groups), g)
+        own = KVCache.select(self, index)
+        out.keys, out.values, out.length = own.keys, own.values, own.length
+        return out
 
 
 @dataclass
@@ -258,12 +335,12 @@ class SelfAttention(nn.Module):
         B, T, C = x.shape
         qkv = self.query_key_value(x).view(B, T, 3, self.num_heads, self.head_size)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
+        dropout = self.dropout if self.training else 0.0
         if cache is not None:
-            k, v = cache.append(layer, k, v)  # (B, nh, S, hs)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
-        )
-        y = y.transpose(1, 2).reshape(B, T, C)
+            y = cache.attend(layer, q, k, v, mask, dropout)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
         return self.dense(y)
 
 

@@ -27,7 +27,7 @@ from openglm.generate.decoding import (
     penalize_repetition,
     sample_tokens,
 )
-from openglm.generate.state import DecodeState
+from openglm.generate.state import BeamState, DecodeState
 from openglm.model import GLMModel
 
 _MASK_TEXT = re.compile(r"\[(?:MASK|sMASK|gMASK)\]")
@@ -139,13 +139,13 @@ def _prefill(state: DecodeState, contexts: Sequence[Sequence[int]], pad: int) ->
     state.feed(ids, _positions(state, positions), real, bidirectional=True)
 
 
-def _positions(state: DecodeState, position_ids: Tensor) -> Tensor:
+def _positions(state: DecodeState | BeamState, position_ids: Tensor) -> Tensor:
     """[B, 2, T] -> what the model takes ([B, T] without block positions)."""
     return position_ids if state.model.config.block_position_encoding else position_ids[:, 0]
 
 
 def _feed_one(
-    state: DecodeState, tokens: list[int], pos: list[int], block: list[int], real: list[bool]
+    state: DecodeState | BeamState, tokens: list[int], pos: list[int], block: list[int], real: list[bool]
 ) -> Tensor:
     """Feed one token per row; return logits [N, V] of the real rows (in row order)."""
     ids = torch.tensor(tokens, dtype=torch.long)[:, None]
@@ -270,7 +270,7 @@ def _beam_round(
     """Beam search of one blank for each row in `items` (spec E.2); returns (tokens, stop, end, score) per item."""
     K = config.num_beams
     n = len(items)
-    beams = state.expand(torch.tensor(items).repeat_interleave(K))
+    beams = state.beams(items, K)
     start = beams.length
     beam_scores = torch.zeros(n, K, device=state.device)
     beam_scores[:, 1:] = -1e9  # all beams start equal: only beam 0 may expand at the first step

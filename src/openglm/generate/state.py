@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from openglm.model import GLMModel, KVCache
+from openglm.model import GLMModel, KVCache, SharedPrefixCache
 
 # Trimming the cache copies it, so it is done only once this many leading slots are invisible to every row.
 _TRIM_MIN_SLOTS = 64
@@ -124,6 +124,14 @@ class DecodeState:
         out.keymask = self.keymask.index_select(0, index)
         return out
 
+    def beams(self, items: list[int], beams: int) -> DecodeState | BeamState:
+        """The state of a beam search over the rows `items`, `beams` rows each (row i*beams+j: beam j of
+        items[i]). Without a memory cap the beams share their row's cache (`BeamState`); with one, each beam
+        gets a copy, since the cap hides different slots as beams grow."""
+        if self.mem_length is None:
+            return BeamState(self, items, beams)
+        return self.expand(torch.tensor(items).repeat_interleave(beams))
+
     @torch.no_grad()
     def reorder(self, index: Tensor, start: int) -> None:
         """Beam reordering in place: row i takes the slots of row index[i] from absolute slot `start` on.
@@ -147,3 +155,70 @@ class DecodeState:
         self.cache.keep_last(self.cache.length - first)
         self.keymask = self.keymask[:, first:].clone()
         self.offset += first
+
+
+class BeamState:
+    """The decoding state of one beam-search round (spec E.2): `beams` rows per text over a `SharedPrefixCache`,
+    so the text's cached context is stored and read once for all of its beams.
+
+    Offers what the beam loop uses of `DecodeState`: `feed` (one token per row), `expand` (keep whole texts),
+    `reorder` and `length`.
+    """
+
+    def __init__(self, state: DecodeState, items: list[int], beams: int) -> None:
+        self.model, self.device, self.beams = state.model, state.device, beams
+        self.start = state.length
+        visible = state.visible()
+        if items == list(range(visible.size(0))):
+            prefix = state.cache  # read only: the round appends to its own cache
+        else:
+            index = torch.tensor(items, device=self.device)
+            prefix, visible = state.cache.select(index), visible.index_select(0, index)
+        self.cache = SharedPrefixCache(prefix, visible, beams)
+
+    @property
+    def length(self) -> int:
+        """Absolute number of slots: the shared ones plus those decoded in this round."""
+        return self.start + self.cache.length
+
+    @torch.no_grad()
+    def feed(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor,
+        real: Tensor,
+        bidirectional: bool = False,
+        logits_at: Tensor | None = None,
+    ) -> Tensor | None:
+        """`DecodeState.feed` for one token per row. Rows that are not `real` (texts already decided) still
+        fill a slot of their own beams; nothing reads their outputs."""
+        B, T = input_ids.shape
+        if T != 1 or B != self.cache.batch_size:
+            raise ValueError(
+                f"a beam state of {self.cache.batch_size} rows takes one token per row; got [{B}, {T}]"
+            )
+        self.model.pack_weights(B)  # as in DecodeState.feed
+        select = logits_at if logits_at is not None else torch.zeros(B, 1, dtype=torch.bool)
+        out = self.model(
+            input_ids.to(self.device),
+            position_ids.to(self.device),
+            cache=self.cache,
+            logits_mask=select.to(self.device),
+        )
+        return out.logits if logits_at is not None else None
+
+    def expand(self, index: Tensor) -> BeamState:
+        """A new state of the rows `index`: whole texts (all of their beams, in order)."""
+        out = BeamState.__new__(BeamState)
+        out.model, out.device, out.beams, out.start = self.model, self.device, self.beams, self.start
+        out.cache = self.cache.select(index.to(self.device))
+        return out
+
+    @torch.no_grad()
+    def reorder(self, index: Tensor, start: int) -> None:
+        """Row i takes the decoded slots of row index[i]; `start` must be where this round began."""
+        if start != self.start:
+            raise ValueError(
+                f"a beam state reorders the slots of its round (from {self.start}); got start {start}"
+            )
+        self.cache.reorder_(index.to(self.device))
