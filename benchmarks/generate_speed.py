@@ -18,6 +18,7 @@ import torch
 
 from openglm import GLMConfig, GLMModel, KVCache
 from openglm.generate import GenerationConfig, SpecialIds, fill_blank_ids
+from openglm.model import SharedPrefixCache
 
 TARGETS = {("greedy", 1): 23.0, ("greedy", 8): 90.0, ("beam4", 1): 60.0}
 
@@ -89,16 +90,35 @@ def time_recompute(
 
 
 @torch.inference_mode()
-def time_bare_step(model: GLMModel, rows: int, context: int, device, reps: int = 3) -> float:
-    """Seconds of one bare model forward (one token per row after `context` cached slots): the floor that any
-    cached decoding loop pays per step. The cache holds random K/V, so no prefill is needed."""
+def time_bare_step(
+    model: GLMModel, texts: int, beams: int, context: int, steps: int, device, reps: int = 3
+) -> float:
+    """Seconds of one bare model forward (one token per row after `context + steps` cached slots): the floor
+    that any cached decoding loop pays per step. With beams, the rows of a text share its `context` slots
+    and own `steps` slots each, as in beam search (SharedPrefixCache). The cache holds random K/V, so no
+    prefill is needed."""
     cfg = model.config
     dtype = next(model.parameters()).dtype
-    cache = KVCache(cfg.num_layers)
-    for layer in range(cfg.num_layers):
-        kv = torch.randn(rows, cfg.num_attention_heads, context, cfg.head_size, device=device, dtype=dtype)
-        cache.append(layer, kv, kv)
-    cache.commit()
+    rows = texts * beams
+
+    def random_cache(batch: int, length: int) -> KVCache:
+        cache = KVCache(cfg.num_layers)
+        for layer in range(cfg.num_layers):
+            kv = torch.randn(
+                batch, cfg.num_attention_heads, length, cfg.head_size, device=device, dtype=dtype
+            )
+            cache.append(layer, kv, kv)
+        cache.commit()
+        return cache
+
+    if beams == 1:
+        cache, cached = random_cache(rows, context + steps), context + steps
+    else:
+        visible = torch.ones(texts, context, dtype=torch.bool, device=device)
+        cache = SharedPrefixCache(random_cache(texts, context), visible, beams)
+        own = random_cache(rows, steps)
+        cache.keys, cache.values, cache.length = own.keys, own.values, own.length
+        cached = steps
     ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
     pos = torch.tensor([[[context // 2], [2]]], device=device).expand(rows, 2, 1)
     pos = pos if cfg.block_position_encoding else pos[:, 0]
@@ -109,10 +129,10 @@ def time_bare_step(model: GLMModel, rows: int, context: int, device, reps: int =
         for _ in range(reps + 1):  # the first call grows the cache buffer
             _sync(device)
             start = time.perf_counter()
-            model(ids, pos, attention_mask=0, cache=cache, logits_mask=select)
+            model(ids, pos, cache=cache, logits_mask=select)
             _sync(device)
             best = min(best, time.perf_counter() - start)
-            cache.truncate(context)  # drop the token again: every rep sees the same cache
+            cache.truncate(cached)  # drop the token again: every rep sees the same cache
     finally:
         model.pack_weights(None)
     return best
@@ -174,7 +194,7 @@ def main() -> None:
                 "" if target is None else (f">={target:.0f} ok" if rate >= target else f">={target:.0f} MISS")
             )
             step_ms = 1000 * seconds / (args.steps - 1)
-            bare_ms = 1000 * time_bare_step(model, rows, args.context + args.steps, device)
+            bare_ms = 1000 * time_bare_step(model, batch, beams, args.context, args.steps, device)
             print(
                 f"{strategy:<9} {batch:>5} {rows:>5} {rate:>10.1f} {step_ms:>8.1f} {bare_ms:>8.1f} "
                 f"{base:>16.2f} {rate / base:>6.1f}x {verdict:>9}"
@@ -183,7 +203,7 @@ def main() -> None:
         f"# recompute: {per_row:.3f} s per token for one row (measured over {args.recompute_steps} steps, scaled to rows)"
     )
     print(
-        "# step ms: one decoding step of fill_blanks; bare ms: one bare GLMModel forward over the same cache size"
+        "# step ms: one decoding step of fill_blanks; bare ms: one bare GLMModel forward over the same cache (shared context for beams)"
     )
 
 

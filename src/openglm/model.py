@@ -157,7 +157,8 @@ class SharedPrefixCache(KVCache):
             shared.masked_fill_(self._hidden, float("-inf"))
         own = torch.matmul(q, own_k.transpose(-1, -2)).mul_(scale)  # (rows, nh, 1, t)
         own = own.view(n, g, nh, t).transpose(1, 2)  # (n, nh, g, t)
-        probs = torch.cat([shared, own], dim=-1).softmax(dim=-1)  # (n, nh, g, P + t)
+        # Softmax in float32 (as the fused kernels do internally), then back to the values' dtype.
+        probs = torch.cat([shared, own], dim=-1).float().softmax(dim=-1).to(q.dtype)  # (n, nh, g, P + t)
         if dropout_p:
             probs = F.dropout(probs, dropout_p)
         out = torch.matmul(probs[..., :P], shared_v)  # (n, nh, g, hs)
