@@ -419,6 +419,9 @@ def test_decoding_leaves_no_packed_weights_behind() -> None:
     next(events)
     events.close()
     assert model.output_packed is None and all(m.packed is None for m in linears)
+    # One forward of one-token candidates is no decoding loop: nothing is packed for it.
+    score_fill_ids(model, TEXTS[0], MASKS[0][0], [[5], [6], [7]], SPECIAL, include_eop=False)
+    assert model.output_packed is None
 
 
 def test_iteration_leaves_caller_state_alone() -> None:

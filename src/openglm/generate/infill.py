@@ -399,12 +399,12 @@ def fill_events(
     was_training = model.training
     model.eval()
     try:
-        state = DecodeState(model, config.mem_length)
+        state = DecodeState(model, config.mem_length, pack_weights=True)
         _prefill(state, contexts, special.pad)
         loop = _decode_beam if config.num_beams > 1 else _decode_stepwise
         yield from loop(state, rows, config, special, stop_ids)
     finally:
-        model.pack_weights(None)  # the decoding steps packed them (DecodeState.feed)
+        model.pack_weights(None)  # the decoding steps packed them (DecodeState.feed with pack_weights)
         model.train(was_training)
     return [r.fills for r in rows]
 

@@ -25,13 +25,16 @@ class DecodeState:
         mem_length: the official memory cap (spec A.8, `mem_length = seq_length - 1` in interactive mode): a
             query sees at most the last `mem_length` slots its row fed before the current forward (plus the
             tokens of the current forward). None means unlimited.
+        pack_weights: a decoding loop of many one-token steps: each step asks the model for weights packed for
+            its row count (`GLMModel.pack_weights`); the loop's owner calls `model.pack_weights(None)` after.
     """
 
-    def __init__(self, model: GLMModel, mem_length: int | None = None) -> None:
+    def __init__(self, model: GLMModel, mem_length: int | None = None, pack_weights: bool = False) -> None:
         if mem_length is not None and mem_length < 1:
             raise ValueError(f"mem_length must be >= 1 or None; got {mem_length}")
         self.model = model
         self.mem_length = mem_length
+        self.pack_weights = pack_weights
         self.device = next(model.parameters()).device
         self.cache = KVCache(model.config.num_layers)
         self.keymask = torch.zeros(0, 0, dtype=torch.bool, device=self.device)  # (B, S) slots a row fed
@@ -79,9 +82,10 @@ class DecodeState:
         S = self.cache.length
         past = self.visible() if S else torch.zeros(B, 0, dtype=torch.bool, device=self.device)
         if T == 1:  # the decoding step: each row sees its visible cache and itself
-            # Every step of a loop has the same rows (until finished ones are dropped): weights packed for
-            # that row count make the step's products stream them once (GLMModel.pack_weights).
-            self.model.pack_weights(B)
+            if self.pack_weights:
+                # Every step of a loop has the same rows (until finished ones are dropped): weights packed
+                # for that row count make the step's products stream them once.
+                self.model.pack_weights(B)
             if bool(past.all()):
                 mask = None  # every row sees every slot (no padding, no cap): attention's fastest path
             else:
@@ -113,11 +117,12 @@ class DecodeState:
     def expand(self, index: Tensor) -> DecodeState:
         """A new state whose rows are `index` of this one (e.g. each row repeated once per beam)."""
         out = DecodeState.__new__(DecodeState)
-        out.model, out.mem_length, out.device, out.offset = (
+        out.model, out.mem_length, out.device, out.offset, out.pack_weights = (
             self.model,
             self.mem_length,
             self.device,
             self.offset,
+            self.pack_weights,
         )
         index = index.to(self.device)
         out.cache = self.cache.select(index)
@@ -167,6 +172,7 @@ class BeamState:
 
     def __init__(self, state: DecodeState, items: list[int], beams: int) -> None:
         self.model, self.device, self.beams = state.model, state.device, beams
+        self.pack_weights = state.pack_weights
         self.start = state.length
         visible = state.visible()
         if items == list(range(visible.size(0))):
@@ -197,7 +203,8 @@ class BeamState:
             raise ValueError(
                 f"a beam state of {self.cache.batch_size} rows takes one token per row; got [{B}, {T}]"
             )
-        self.model.pack_weights(B)  # as in DecodeState.feed
+        if self.pack_weights:
+            self.model.pack_weights(B)  # as in DecodeState.feed
         select = logits_at if logits_at is not None else torch.zeros(B, 1, dtype=torch.bool)
         out = self.model(
             input_ids.to(self.device),
@@ -211,6 +218,7 @@ class BeamState:
         """A new state of the rows `index`: whole texts (all of their beams, in order)."""
         out = BeamState.__new__(BeamState)
         out.model, out.device, out.beams, out.start = self.model, self.device, self.beams, self.start
+        out.pack_weights = self.pack_weights
         out.cache = self.cache.select(index.to(self.device))
         return out
 
