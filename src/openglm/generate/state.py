@@ -193,7 +193,6 @@ class BeamState:
         input_ids: Tensor,
         position_ids: Tensor,
         real: Tensor,
-        bidirectional: bool = False,
         logits_at: Tensor | None = None,
     ) -> Tensor | None:
         """`DecodeState.feed` for one token per row. Rows that are not `real` (texts already decided) still
