@@ -217,6 +217,22 @@ def test_cache_truncate_keeps_buffers_and_refuses_growth():
         cache.truncate(9)
 
 
+def test_cache_reserve_sizes_the_first_buffers():
+    k = torch.randn(2, 3, 30, 4)
+    cache = KVCache(1, reserve=40)
+    cache.append(0, k, k)
+    cache.commit()
+    buffer = cache.keys[0]
+    assert buffer.size(2) == 40
+    cache.append(0, k[:, :, :10], k[:, :, :10])  # fills the reserve exactly: no new buffer
+    cache.commit()
+    assert cache.keys[0] is buffer
+    cache.append(0, k[:, :, :1], k[:, :, :1])  # beyond it: doubling as usual
+    cache.commit()
+    assert cache.keys[0].size(2) == 80
+    torch.testing.assert_close(cache.keys[0][:, :, :30], k)
+
+
 @pytest.mark.parametrize("rows", [1, 2, 8, 64, 65])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_few_rows_linear_equals_f_linear_with_gradients(rows, with_bias):

@@ -29,14 +29,16 @@ class KVCache:
 
     The official code caches pre-LN hidden states and re-projects them to K/V at every step; since past
     states never change, caching K/V is numerically equivalent and avoids that work. Buffers grow by
-    doubling so that appending one token does not copy the whole cache.
+    doubling so that appending one token does not copy the whole cache; `reserve` sizes the first buffers
+    for a caller that knows how long the cache will get (a decoding loop then never copies its context).
     """
 
-    def __init__(self, num_layers: int) -> None:
+    def __init__(self, num_layers: int, reserve: int = 0) -> None:
         self.keys: list[Tensor | None] = [None] * num_layers
         self.values: list[Tensor | None] = [None] * num_layers
         self.length = 0
         self._pending = 0
+        self.reserve = reserve
 
     def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k, v ([B, nh, T, hs]) after the cached positions; return all keys/values [B, nh, S, hs]."""
@@ -44,7 +46,8 @@ class KVCache:
         end = self.length + new
         buf_k, buf_v = self.keys[layer], self.values[layer]
         if buf_k is None or buf_k.size(2) < end or buf_k.size(0) != k.size(0) or buf_k.dtype != k.dtype:
-            capacity = max(end, 2 * (buf_k.size(2) if buf_k is not None else 0), 16)
+            grown = 2 * buf_k.size(2) if buf_k is not None else self.reserve
+            capacity = max(end, grown, 16)
             shape = (k.size(0), k.size(1), capacity, k.size(3))
             grown_k, grown_v = k.new_empty(shape), v.new_empty(shape)
             if buf_k is not None and self.length:

@@ -399,7 +399,12 @@ def fill_events(
     was_training = model.training
     model.eval()
     try:
-        state = DecodeState(model, config.mem_length, pack_weights=True)
+        # Each blank appends at most <|startofpiece|> + max_length slots after the context. Reserving up to
+        # twice the context (where doubling would first grow to) spares the copy of the whole context at the
+        # first decoding step, and never takes more memory than that growth would.
+        longest = max(len(c) for c in contexts)
+        grow = min(max(len(p) for p in mask_positions) * (config.max_length + 1), longest)
+        state = DecodeState(model, config.mem_length, pack_weights=True, reserve=longest + grow)
         _prefill(state, contexts, special.pad)
         loop = _decode_beam if config.num_beams > 1 else _decode_stepwise
         yield from loop(state, rows, config, special, stop_ids)

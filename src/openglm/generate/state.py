@@ -27,16 +27,19 @@ class DecodeState:
             tokens of the current forward). None means unlimited.
         pack_weights: a decoding loop of many one-token steps: each step asks the model for weights packed for
             its row count (`GLMModel.pack_weights`); the loop's owner calls `model.pack_weights(None)` after.
+        reserve: cache slots to allocate at the first feed (`KVCache`).
     """
 
-    def __init__(self, model: GLMModel, mem_length: int | None = None, pack_weights: bool = False) -> None:
+    def __init__(
+        self, model: GLMModel, mem_length: int | None = None, pack_weights: bool = False, reserve: int = 0
+    ) -> None:
         if mem_length is not None and mem_length < 1:
             raise ValueError(f"mem_length must be >= 1 or None; got {mem_length}")
         self.model = model
         self.mem_length = mem_length
         self.pack_weights = pack_weights
         self.device = next(model.parameters()).device
-        self.cache = KVCache(model.config.num_layers)
+        self.cache = KVCache(model.config.num_layers, reserve)
         self.keymask = torch.zeros(0, 0, dtype=torch.bool, device=self.device)  # (B, S) slots a row fed
         self.offset = 0  # absolute index of cache slot 0 (slots before it were trimmed)
 
