@@ -285,8 +285,10 @@ def test_two_gloo_ranks_finetune_like_one_process(tmp_path, extra):
     assert losses("ddp") == pytest.approx(losses("one"), abs=1e-5)
     kept_ddp = load_file(str(tmp_path / "ddp" / "best" / "model.safetensors"))
     kept_one = load_file(str(tmp_path / "one" / "best" / "model.safetensors"))
+    # Adam divides by the root of the squared gradient, so float reordering in a near-zero gradient
+    # can move one weight by a sizeable part of lr (3e-3); a wrong gradient moves many by about lr.
     for key, value in kept_one.items():
-        torch.testing.assert_close(kept_ddp[key], value, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(kept_ddp[key], value, rtol=1e-4, atol=1e-4)
 
 
 _EVAL_WORKER = textwrap.dedent(
