@@ -436,3 +436,101 @@ def test_cli_names_the_yaml_config_file(tmp_path, capsys):
             assert exc.value.code == 2
             err = capsys.readouterr().err.strip().splitlines()
             assert len(err) == 1 and err[0].startswith(f"openglm: error: {message}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Export: back to the official layout (split as change_mp.py splits) and to a Hugging Face GLM directory
+
+
+def _ours(tmp_path, mp_case):
+    return convert(str(mp_case / "official"), str(tmp_path / "ours"), str(mp_case / "config.json"))
+
+
+def test_export_official_mp2_equals_the_official_split(tmp_path, mp_case):
+    from openglm.convert import export
+
+    ours = _ours(tmp_path, mp_case)
+    out = export(str(ours), str(tmp_path / "mp2"), format="official", model_parallel=2)
+    reference = require(mp_case / "official_mp2")
+    assert (out / "latest_checkpointed_iteration.txt").read_text() == (
+        reference / "latest_checkpointed_iteration.txt"
+    ).read_text()
+    for rank in (0, 1):
+        name = f"release/mp_rank_{rank:02d}_model_states.pt"
+        mine = torch.load(out / name, weights_only=True)
+        theirs = torch.load(reference / name, weights_only=True)
+        assert set(mine) == {"module"} and set(mine["module"]) == set(theirs["module"])
+        for key, value in theirs["module"].items():
+            assert torch.equal(mine["module"][key], value), (rank, key)
+    # The directory describes itself (config.json beside the shards) and loads back to the same model.
+    back = GLMModel.from_pretrained(out)
+    for key, value in load_file(str(mp_case / "weights.safetensors")).items():
+        assert torch.equal(back.state_dict()[key], value), key
+    # Re-sharding an official checkpoint is an export of it: MP=2 -> MP=1 gives the fixture's MP=1 weights.
+    one = export(str(out), str(tmp_path / "mp1"), format="official", dtype="float16")
+    merged = torch.load(one / "release" / "mp_rank_00_model_states.pt", weights_only=True)["module"]
+    assert all(v.dtype == torch.float16 for v in merged.values())
+    assert torch.equal(merged["word_embeddings.weight"], back.word_embeddings.weight.half())
+
+
+def test_export_hf_round_trips_with_its_tokenizer(tmp_path):
+    from openglm.convert import export
+    from openglm.tokenizer import GLMTokenizer
+
+    vocab = require(shared_data_dir() / "tokenizers" / "bert-large-uncased-vocab.txt")
+    torch.manual_seed(0)
+    config = GLMConfig.from_name("tiny", vocab_size=30592)
+    GLMModel(config).save_pretrained(tmp_path / "ours")
+    tok = GLMTokenizer.from_files("bert", vocab)
+    tok.save_pretrained(tmp_path / "ours")
+    out = export(str(tmp_path / "ours"), str(tmp_path / "hf"))
+    hub = json.loads((out / "config.json").read_text())
+    assert hub["model_type"] == "glm" and hub["output_predict"] is True and hub["num_layers"] == 2
+    assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "GLMBertTokenizer"
+    weights = torch.load(out / "pytorch_model.bin", weights_only=True)
+    original = GLMModel.from_pretrained(tmp_path / "ours").state_dict()
+    assert set(weights) == set(original) and all(torch.equal(weights[k], v) for k, v in original.items())
+    back = convert(str(out), str(tmp_path / "back"))
+    assert GLMModel.from_pretrained(back).config == config
+    assert GLMTokenizer.from_pretrained(back).command_tokens == tok.command_tokens
+
+
+def test_export_leaves_out_a_tokenizer_the_hub_classes_cannot_rebuild(tmp_path, caplog):
+    from openglm.convert import export
+    from openglm.tokenizer import GLMTokenizer
+
+    vocab = require(shared_data_dir() / "tokenizers" / "bert-large-uncased-vocab.txt")
+    GLMModel(GLMConfig.from_name("tiny", vocab_size=30592)).save_pretrained(tmp_path / "ours")
+    # [gMASK]/[sMASK] in a BERT vocabulary: GLMBertTokenizer would not give them these ids.
+    GLMTokenizer.from_files("bert", vocab, task_mask=True).save_pretrained(tmp_path / "ours")
+    with caplog.at_level("WARNING"):
+        out = export(str(tmp_path / "ours"), str(tmp_path / "hf"))
+    assert "other special-token ids" in caplog.text
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "pytorch_model.bin"]
+
+
+def test_export_refusals(tmp_path, mp_case, capsys):
+    from openglm.convert import export
+
+    ours = _ours(tmp_path, mp_case)  # 4 heads
+    with pytest.raises(ValueError, match="Hugging Face format holds one unsplit model"):
+        export(str(ours), str(tmp_path / "a"), model_parallel=2)
+    with pytest.raises(ValueError, match="model_parallel=3 does not divide the 4 attention heads"):
+        export(str(ours), str(tmp_path / "a"), format="official", model_parallel=3)
+    with pytest.raises(ValueError, match="format='megatron'"):
+        export(str(ours), str(tmp_path / "a"), format="megatron")
+    deep = tmp_path / "deep"
+    GLMModel(GLMConfig.from_name("tiny", norm_scheme="deepnorm")).save_pretrained(deep)
+    with pytest.raises(ValueError, match="pre-LN GLMs only"):
+        export(str(deep), str(tmp_path / "a"))
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "mine.txt").write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["export", str(ours), str(tmp_path / "kept")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "--overwrite true" in err and len(err.splitlines()) == 1
+    assert (tmp_path / "kept" / "mine.txt").read_text() == "x"
+    cli_main(["export", str(ours), str(tmp_path / "kept"), "--overwrite", "true"])
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["config.json", "pytorch_model.bin"]

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from openglm.convert import convert
+from openglm.convert import convert, export
 from openglm.data.shards import prepare_corpus
 from openglm.generate.command import infill
 from openglm.tasks.run import evaluate, finetune
@@ -27,6 +27,7 @@ from openglm.train.pretrain import pretrain
 def _commands() -> dict[str, Any]:
     table: dict[str, Any] = {
         "convert": convert,
+        "export": export,
         "pretrain": pretrain,
         "plan": plan,
         "plot": plot,

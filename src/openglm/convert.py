@@ -507,3 +507,189 @@ def convert(
             dst,
         )
     return Path(dst)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Export: back to the official layout (any MP size) or a Hugging Face GLM directory
+EXPORT_FORMATS = ("official", "hf")
+_OFFICIAL_TAG = "release"  # what the released checkpoints' latest_checkpointed_iteration.txt holds
+
+
+def split_model_parallel(
+    state: Mapping[str, Tensor], parts: int, source: str = "model"
+) -> list[dict[str, Tensor]]:
+    """Split an MP=1 state dict into `parts` official model-parallel shards (the inverse of
+    `merge_model_parallel`, as `change_mp.py` splits). Each shard holds its own copies, so that a saved
+    shard does not carry the whole tensor it was cut from."""
+    if parts < 1:
+        raise ValueError(f"model_parallel={parts}: must be >= 1")
+    shards: list[dict[str, Tensor]] = [{} for _ in range(parts)]
+    for key, value in state.items():
+        kind = _split_kind(key)
+        dim = 1 if kind == "cols" else 0
+        if kind != "replicated" and value.shape[dim] % (3 * parts if kind == "qkv" else parts):
+            raise ValueError(
+                f"{source}: model_parallel={parts} does not divide {key!r} (dimension {dim} has "
+                f"{value.shape[dim]} {'rows of Q, K and V' if kind == 'qkv' else 'entries'})"
+            )
+        if kind == "qkv":
+            q, k, v = (t.chunk(parts, dim=0) for t in value.chunk(3, dim=0))  # each: parts x [C/parts, ...]
+            pieces = [torch.cat([q[r], k[r], v[r]], dim=0) for r in range(parts)]
+        elif kind in ("rows", "cols"):
+            pieces = list(value.chunk(parts, dim=dim))
+        else:
+            pieces = [value] * parts
+        for shard, piece in zip(shards, pieces, strict=True):
+            shard[key] = piece.clone() if kind != "replicated" else piece
+    return shards
+
+
+def hf_config_dict(config: GLMConfig, dtype: torch.dtype) -> dict:
+    """The `config.json` of a Hugging Face hub GLM directory (spec F.5) for `config`."""
+    return {
+        "architectures": ["GLMModel"],
+        "auto_map": {
+            "AutoConfig": "configuration_glm.GLMConfig",
+            "AutoModel": "modeling_glm.GLMModel",
+            "AutoModelForSeq2SeqLM": "modeling_glm.GLMForConditionalGeneration",
+            "AutoModelForMultipleChoice": "modeling_glm.GLMForMultipleChoice",
+        },
+        "model_type": "glm",
+        "num_layers": config.num_layers,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "num_attention_heads": config.num_attention_heads,
+        "embedding_dropout_prob": config.embedding_dropout_prob,
+        "attention_dropout_prob": config.attention_dropout_prob,
+        "output_dropout_prob": config.output_dropout_prob,
+        "max_sequence_length": config.max_sequence_length,
+        "max_memory_length": 0,
+        "checkpoint_activations": False,
+        "checkpoint_num_layers": 1,
+        "parallel_output": True,
+        "relative_encoding": False,
+        "block_position_encoding": config.block_position_encoding,
+        "output_predict": True,  # the HF default is False, which would return hidden states instead of logits
+        "spell_length": None,
+        "spell_func": "lstm",
+        "attention_scale": config.attention_scale,
+        "initializer_range": config.initializer_range,
+        "pool_token": "cls",
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def _check_exportable(config: GLMConfig, fmt: str) -> None:
+    """Refuse architectures the official code (and the HF remote code built from it) cannot run."""
+    if config.norm_scheme != "pre_ln":
+        raise ValueError(f"norm_scheme={config.norm_scheme!r}: the {fmt} format runs pre-LN GLMs only")
+    if config.layernorm_epsilon != 1e-5:
+        raise ValueError(f"layernorm_epsilon={config.layernorm_epsilon}: the {fmt} format hard-wires 1e-5")
+    if fmt == "official" and config.activation != "gelu_tanh":
+        raise ValueError(f"activation={config.activation!r}: the official code computes gelu_tanh")
+
+
+def _write_hf_tokenizer(tok, config: GLMConfig, directory: Path, dst: str) -> None:
+    """Write `tok` as a Hugging Face GLM tokenizer (its vocab files + a `tokenizer_config.json` naming the
+    hub class) if that class rebuilds the same ids; otherwise warn and leave the tokenizer out."""
+    cls = next((c for c, (kind, _) in HF_TOKENIZERS.items() if tok.kind.startswith(kind)), None)
+    if cls is None:
+        log.warning("a %s tokenizer has no Hugging Face GLM class; %s holds no tokenizer", tok.kind, dst)
+        return
+    staged = directory / ".tokenizer"
+    tok.save_pretrained(staged)
+    (staged / "tokenizer_config.json").unlink()  # ours; the hub's names the class instead
+    hub_file = HF_TOKENIZERS[cls][1]
+    for path in staged.iterdir():  # our chinese "spiece.model" is the hub's "cog-pretrain.model"
+        path.rename(directory / (hub_file if path.suffix == ".model" else path.name))
+    staged.rmdir()
+    settings = directory / "tokenizer_config.json"
+    meta = {"tokenizer_class": cls, "auto_map": {"AutoTokenizer": [f"tokenization_glm.{cls}", None]}}
+    settings.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    rebuilt = hf_tokenizer(directory, cls, config, settings)
+    if rebuilt.num_tokens != tok.num_tokens or rebuilt.command_tokens != tok.command_tokens:
+        for path in directory.iterdir():
+            if path.name not in (CONFIG_NAME, "pytorch_model.bin"):
+                path.unlink()
+        log.warning(
+            "%s would give this %s tokenizer other special-token ids; %s holds no tokenizer",
+            cls,
+            tok.kind,
+            dst,  # fmt: skip
+        )
+
+
+def export(
+    model: str,
+    dst: str,
+    format: str = "hf",
+    model_parallel: int = 1,
+    dtype: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Export a GLM to the official (any MP size) or Hugging Face checkpoint layout.
+
+    So that the official code, or the hub's GLM remote code, can load a model trained or converted here.
+
+    official: `latest_checkpointed_iteration.txt` ("release") and `release/mp_rank_XX_model_states.pt`
+    (`{"module": state dict}`), split into `model_parallel` shards as `change_mp.py` splits; a config.json and
+    the tokenizer go beside them. hf: `config.json` (model_type "glm") and `pytorch_model.bin`, the files the
+    official HF conversion writes, plus the tokenizer's vocab file and `tokenizer_config.json` when the hub's
+    tokenizer class rebuilds the same ids; add the hub repo's `configuration_glm.py`, `modeling_glm.py` (and
+    `tokenization_glm.py`) to use it with `trust_remote_code`.
+
+    Args:
+        model: an openglm model directory, or any checkpoint `openglm convert` reads (official, any MP size;
+            Hugging Face).
+        dst: output directory; it must not exist or be empty, unless `overwrite`.
+        format: "hf" or "official".
+        model_parallel: number of official model-parallel shards (official format only).
+        dtype: optional dtype of the saved weights: float32, bfloat16 or float16 (the released official
+            checkpoints hold float16).
+        overwrite: replace a non-empty `dst` (the new directory is written completely first).
+
+    Returns:
+        The output directory.
+    """
+    from openglm.model import GLMModel
+
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"format={format!r}; expected one of {list(EXPORT_FORMATS)}")
+    if isinstance(model_parallel, bool) or not isinstance(model_parallel, int) or model_parallel < 1:
+        raise ValueError(f"model_parallel={model_parallel!r}: must be a positive integer")
+    if format == "hf" and model_parallel != 1:
+        raise ValueError(f"model_parallel={model_parallel}: the Hugging Face format holds one unsplit model")
+    if dtype is not None and dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"dtype={dtype!r}; expected one of {list(WEIGHT_DTYPES)}")
+    _check_destination(Path(model), Path(dst), overwrite)
+    glm = GLMModel.from_pretrained(model, dtype=WEIGHT_DTYPES.get(dtype) if dtype else None)
+    config = glm.config
+    _check_exportable(config, format)
+    heads = config.num_attention_heads
+    if heads % model_parallel:
+        raise ValueError(f"model_parallel={model_parallel} does not divide the {heads} attention heads")
+    state = {k: v.detach().contiguous().cpu() for k, v in glm.state_dict().items()}
+    shards = split_model_parallel(state, model_parallel, source=model)
+    tok = find_tokenizer(Path(model), config)
+    weights_dtype = next(iter(state.values())).dtype
+
+    def write(directory: Path) -> None:
+        if format == "official":
+            (directory / "latest_checkpointed_iteration.txt").write_text(_OFFICIAL_TAG)
+            (directory / _OFFICIAL_TAG).mkdir()
+            for rank, shard in enumerate(shards):
+                torch.save(
+                    {"module": shard}, directory / _OFFICIAL_TAG / f"mp_rank_{rank:02d}_model_states.pt"
+                )
+            config.save(directory / CONFIG_NAME)
+            if tok is not None:
+                tok.save_pretrained(directory)
+        else:
+            torch.save(shards[0], directory / "pytorch_model.bin")
+            text = json.dumps(hf_config_dict(config, weights_dtype), indent=2) + "\n"
+            (directory / CONFIG_NAME).write_text(text, encoding="utf-8")
+            if tok is not None:
+                _write_hf_tokenizer(tok, config, directory, dst)
+
+    replace_directory(dst, write)
+    return Path(dst)
