@@ -466,8 +466,10 @@ def test_export_official_mp2_equals_the_official_split(tmp_path, mp_case):
     back = GLMModel.from_pretrained(out)
     for key, value in load_file(str(mp_case / "weights.safetensors")).items():
         assert torch.equal(back.state_dict()[key], value), key
-    # Re-sharding an official checkpoint is an export of it: MP=2 -> MP=1 gives the fixture's MP=1 weights.
-    one = export(str(out), str(tmp_path / "mp1"), format="official", dtype="float16")
+    # Re-sharding an official checkpoint is an export of it: the fixture's MP=2 shards (no config beside
+    # them, so it is named) to MP=1 in float16.
+    one = export(str(reference), str(tmp_path / "mp1"), "official", model_config=str(mp_case / "config.json"),
+                 dtype="float16")  # fmt: skip
     merged = torch.load(one / "release" / "mp_rank_00_model_states.pt", weights_only=True)["module"]
     assert all(v.dtype == torch.float16 for v in merged.values())
     assert torch.equal(merged["word_embeddings.weight"], back.word_embeddings.weight.half())

@@ -624,6 +624,7 @@ def export(
     dst: str,
     format: str = "hf",
     model_parallel: int = 1,
+    model_config: str | None = None,
     dtype: str | None = None,
     overwrite: bool = False,
 ) -> Path:
@@ -644,6 +645,8 @@ def export(
         dst: output directory; it must not exist or be empty, unless `overwrite`.
         format: "hf" or "official".
         model_parallel: number of official model-parallel shards (official format only).
+        model_config: for an official checkpoint without a config.json, a preset name (e.g. glm-large) or a
+            config.json path, as for `convert`.
         dtype: optional dtype of the saved weights: float32, bfloat16 or float16 (the released official
             checkpoints hold float16).
         overwrite: replace a non-empty `dst` (the new directory is written completely first).
@@ -662,7 +665,9 @@ def export(
     if dtype is not None and dtype not in WEIGHT_DTYPES:
         raise ValueError(f"dtype={dtype!r}; expected one of {list(WEIGHT_DTYPES)}")
     _check_destination(Path(model), Path(dst), overwrite)
-    glm = GLMModel.from_pretrained(model, dtype=WEIGHT_DTYPES.get(dtype) if dtype else None)
+    glm = GLMModel.from_pretrained(
+        model, config=model_config, dtype=WEIGHT_DTYPES.get(dtype) if dtype else None
+    )
     config = glm.config
     _check_exportable(config, format)
     heads = config.num_attention_heads
