@@ -508,6 +508,10 @@ def test_export_leaves_out_a_tokenizer_the_hub_classes_cannot_rebuild(tmp_path, 
     with caplog.at_level("WARNING"):
         out = export(str(tmp_path / "ours"), str(tmp_path / "hf"))
     assert "other special-token ids" in caplog.text
+    (tmp_path / "ours" / "classifier.safetensors").write_bytes(b"")  # a fine-tuned classifier's head
+    with caplog.at_level("WARNING"):
+        export(str(tmp_path / "ours"), str(tmp_path / "hf"), overwrite=True)
+    assert "classifier.safetensors, which the export leaves out" in caplog.text
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "pytorch_model.bin"]
 
 

@@ -655,6 +655,8 @@ def export(
         The output directory.
     """
     from openglm.model import GLMModel
+    from openglm.ptuning import PROMPT_WEIGHTS
+    from openglm.tasks.classifier import HEAD_WEIGHTS
 
     if format not in EXPORT_FORMATS:
         raise ValueError(f"format={format!r}; expected one of {list(EXPORT_FORMATS)}")
@@ -676,6 +678,12 @@ def export(
     state = {k: v.detach().contiguous().cpu() for k, v in glm.state_dict().items()}
     shards = split_model_parallel(state, model_parallel, source=model)
     tok = find_tokenizer(Path(model), config)
+    # Fine-tuned directories can hold more than the GLM; the export carries the GLM only.
+    extra = [
+        name for name in ("classifier.safetensors", "prompt.safetensors") if (Path(model) / name).is_file()
+    ]
+    if extra:
+        log.warning("%s also holds %s, which the export leaves out (the GLM only)", model, ", ".join(extra))
     weights_dtype = next(iter(state.values())).dtype
 
     def write(directory: Path) -> None:
