@@ -679,9 +679,7 @@ def export(
     shards = split_model_parallel(state, model_parallel, source=model)
     tok = find_tokenizer(Path(model), config)
     # Fine-tuned directories can hold more than the GLM; the export carries the GLM only.
-    extra = [
-        name for name in ("classifier.safetensors", "prompt.safetensors") if (Path(model) / name).is_file()
-    ]
+    extra = [name for name in (HEAD_WEIGHTS, PROMPT_WEIGHTS) if (Path(model) / name).is_file()]
     if extra:
         log.warning("%s also holds %s, which the export leaves out (the GLM only)", model, ", ".join(extra))
     weights_dtype = next(iter(state.values())).dtype
