@@ -611,12 +611,8 @@ def _write_hf_tokenizer(tok, config: GLMConfig, directory: Path, dst: str) -> No
         for path in directory.iterdir():
             if path.name not in (CONFIG_NAME, "pytorch_model.bin"):
                 path.unlink()
-        log.warning(
-            "%s would give this %s tokenizer other special-token ids; %s holds no tokenizer",
-            cls,
-            tok.kind,
-            dst,  # fmt: skip
-        )
+        message = "%s would give this %s tokenizer other special-token ids; %s holds no tokenizer"
+        log.warning(message, cls, tok.kind, dst)
 
 
 def export(
