@@ -76,12 +76,29 @@ def test_tiny_recipe_runs_on_real_shards_and_plots(tmp_path):
     overrides += ["--train.max_steps", "3", "--train.micro_batch_size", "2", "--data.seq_length", "32"]
     overrides += ["--data.valid_batches", "1", "--data.valid_fraction", "0.1", "--train.eval_every", "2"]
     overrides += ["--train.progress", "false", "--train.tensorboard", "false"]
-    summary = pretrain(**recipe_arguments(ROOT / "configs/pretrain/tiny.yaml", overrides))
+    args = recipe_arguments(ROOT / "configs/pretrain/tiny.yaml", overrides)
+    summary = pretrain(**args)
     assert summary["step"] == 3 and summary["loss"] > 0
     assert {"val_loss/token", "val_loss/sentence", "val_loss/document"} <= set(summary)
     model_dir = Path(summary["model_dir"])
     assert (model_dir / "model.safetensors").is_file() and (model_dir / "config.json").is_file()
+    from openglm import GLMModel
     from openglm.tokenizer import GLMTokenizer
+
+    # The demo's first-token / later-token split is of the very batches the run validated on.
+    from openglm.train.demo import token_blank_losses
+
+    blanks = token_blank_losses(
+        GLMModel.from_pretrained(model_dir),
+        GLMTokenizer.from_pretrained(model_dir),
+        tmp_path / "shards",
+        args,
+    )
+    assert blanks.first_tokens > 0 and blanks.later_tokens > 0
+    mean = (blanks.first * blanks.first_tokens + blanks.later * blanks.later_tokens) / (
+        blanks.first_tokens + blanks.later_tokens
+    )
+    assert mean == pytest.approx(summary["val_loss/token"], rel=1e-5)
 
     assert GLMTokenizer.from_pretrained(model_dir).vocab_size == 384
     other = train_tokenizer([str(corpus)], 280, str(tmp_path / "other-tok"), progress=False)
@@ -216,7 +233,8 @@ def test_demo_rebuilds_its_own_folder_and_keeps_it_when_a_rerun_fails(tmp_path):
     corpus.write_text("\n".join(_TEXT * (i % 3 + 1) for i in range(40)))
     out = tmp_path / "demo"
     kwargs = {"out_dir": str(out), "recipe": str(recipe), "vocab_size": 300, "prompts": ["A [MASK] in time."]}
-    assert "held-out infilling loss" in demo(corpus=str(corpus), **kwargs)
+    report = demo(corpus=str(corpus), **kwargs)
+    assert "held-out infilling loss" in report and "a blank's first token" in report
     assert (out / DEMO_MARKER).is_file()
     files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     tiny = tmp_path / "tiny.txt"

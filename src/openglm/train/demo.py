@@ -14,7 +14,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -115,6 +115,49 @@ def unigram_entropy(shards: str | os.PathLike) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+class BlankLosses(NamedTuple):
+    """Held-out loss (nats/token) on the first token of each blank and on the tokens after it, with counts."""
+
+    first: float
+    later: float
+    first_tokens: int
+    later_tokens: int
+
+
+def blank_token_losses(model: Any, batches: list[dict[str, Any]]) -> BlankLosses:
+    """Mean loss (nats) on the first token of each blank and on the tokens after it, over blank-infilling
+    batches: the first is predicted from the blank's context alone, the others also from the fill so far.
+
+    Args:
+        model: a `GLMModel` (evaluated without gradients, in eval mode).
+        batches: batch dicts as `validation_batches` makes them (block layout, 2-D positions).
+
+    Returns:
+        The two mean losses (NaN where the batches hold no such token) and their token counts.
+    """
+    import torch
+
+    sums, counts = [0.0, 0.0], [0, 0]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            ids, pos = torch.as_tensor(batch["input_ids"]), torch.as_tensor(batch["position_ids"])
+            with torch.no_grad():
+                logits = model(ids, pos, attention_mask=torch.as_tensor(batch["sep"])).logits.float()
+            targets = torch.as_tensor(batch["targets"])[..., None]
+            nll = -torch.log_softmax(logits, dim=-1).gather(-1, targets)[..., 0]  # [B, T]
+            scored = torch.as_tensor(batch["loss_mask"]) > 0
+            first = pos[:, 1] == 1  # block position 1: <|startofpiece|>, which predicts a blank's first token
+            for k, where in enumerate((scored & first, scored & ~first)):
+                sums[k] += float(nll[where].sum())
+                counts[k] += int(where.sum())
+    finally:
+        model.train(was_training)
+    first_loss, later_loss = (s / n if n else math.nan for s, n in zip(sums, counts, strict=True))
+    return BlankLosses(first_loss, later_loss, counts[0], counts[1])
+
+
 def recipe_arguments(recipe: str | os.PathLike, overrides: list[str] | None = None) -> dict[str, Any]:
     """Parse a pretraining recipe (YAML) plus dotted overrides against `pretrain`'s signature.
 
@@ -161,6 +204,30 @@ def resolve_recipe(recipe: str | os.PathLike) -> Path:
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(f"{recipe}: recipe not found (looked for {' and '.join(map(str, tried))})")
+
+
+def token_blank_losses(model: Any, tokenizer: Any, shards: Path, args: dict[str, Any]) -> BlankLosses | None:
+    """`blank_token_losses` on the held-out token-blank batches a pretraining run with `args` (from
+    `recipe_arguments`) validated on; None when the run held out no data."""
+    from openglm.blank_infilling import SpecialTokens
+    from openglm.data import ShardedCorpus, split_documents, validation_batches
+
+    data = args["data"]
+    if not (0 < data.valid_fraction < 1 and data.valid_batches > 0):
+        return None
+    corpus = ShardedCorpus(shards)
+    _, valid_ids = split_documents(len(corpus), data.valid_fraction, data.seed)
+    batches = validation_batches(
+        corpus.subset(valid_ids),
+        SpecialTokens.from_tokenizer(tokenizer),
+        args["objective"],
+        seq_length=data.seq_length,
+        batch_size=args["train"].micro_batch_size,
+        num_batches=data.valid_batches,
+        seed=data.seed,
+        modes=("token",),
+    )
+    return blank_token_losses(model, batches["token"])
 
 
 def _check_corpus(corpus: str, out: Path) -> None:
@@ -288,6 +355,7 @@ def demo(
         model = GLMModel.from_pretrained(summary["model_dir"]).eval()
         with torch.no_grad():
             filled = fill_blanks(model, tokenizer, list(prompts or PROMPTS), max_length=12, num_beams=4)
+        blanks = token_blank_losses(model, tokenizer, shards, args)
     except BaseException:  # Ctrl-C too: a half-built demo must not replace the previous one
         _restore(out, previous)
         if created:  # nothing but the marker is left in a folder this failed demo made
@@ -303,7 +371,16 @@ def demo(
     ]
     for mode in ("token", "sentence", "document"):
         value = summary.get(f"val_loss/{mode}", math.nan)
-        lines.append(f"held-out infilling loss, {mode + ':':<10}  {value:.3f} nats/token")
+        line = f"held-out infilling loss, {mode + ':':<10}  {value:.3f} nats/token"
+        if mode == "token" and blanks is not None:
+            line += f" (a blank's first token {blanks.first:.3f}, the tokens after it {blanks.later:.3f})"
+        lines.append(line)
+    if blanks is not None and blanks.first > entropy - 0.1:
+        lines.append(
+            "  note: a blank's first token is still at about the unigram entropy. The model continues a blank\n"
+            "  it has begun, but does not yet read the blank's context, so fills open with frequent tokens\n"
+            "  (README, Pretraining: a plateau that outlasts a CPU demo)."
+        )
     lines += [
         "",
         "filled blanks (4-beam search, the fills in brackets):",
