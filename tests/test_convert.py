@@ -508,10 +508,6 @@ def test_export_leaves_out_a_tokenizer_the_hub_classes_cannot_rebuild(tmp_path, 
     with caplog.at_level("WARNING"):
         out = export(str(tmp_path / "ours"), str(tmp_path / "hf"))
     assert "other special-token ids" in caplog.text
-    (tmp_path / "ours" / "classifier.safetensors").write_bytes(b"")  # a fine-tuned classifier's head
-    with caplog.at_level("WARNING"):
-        export(str(tmp_path / "ours"), str(tmp_path / "hf"), overwrite=True)
-    assert "classifier.safetensors, which the export leaves out" in caplog.text
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "pytorch_model.bin"]
 
 
@@ -540,3 +536,68 @@ def test_export_refusals(tmp_path, mp_case, capsys):
     assert (tmp_path / "kept" / "mine.txt").read_text() == "x"
     cli_main(["export", str(ours), str(tmp_path / "kept"), "--overwrite", "true"])
     assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["config.json", "pytorch_model.bin"]
+
+
+def test_fine_tuned_classifier_and_prompts_travel_in_official_keys(tmp_path):
+    """A classifier head goes out next to a `model.`-prefixed backbone and a prompt encoder as `prompt_spell.*`
+    (spec F.2), replicated in every model-parallel shard, and both come back into our directories."""
+    from openglm.convert import export
+    from openglm.ptuning import GLMWithPrompts, PromptEncoder
+    from openglm.tasks.classifier import GLMForSequenceClassification
+
+    torch.manual_seed(0)
+    config = GLMConfig.from_name("tiny")
+    GLMForSequenceClassification(GLMModel(config), 3, "start").save_pretrained(tmp_path / "head")
+    out = export(str(tmp_path / "head"), str(tmp_path / "head-mp2"), "official", 2)
+    ranks = [
+        torch.load(out / f"release/mp_rank_{r:02d}_model_states.pt", weights_only=True)["module"]
+        for r in (0, 1)
+    ]
+    assert "model.word_embeddings.weight" in ranks[0] and ranks[0]["multichoice_head.weight"].shape == (3, 64)
+    assert torch.equal(ranks[0]["pool_layer.weight"], ranks[1]["pool_layer.weight"])
+    with pytest.raises(
+        CheckpointError, match="holds a classifier head besides the GLM .*`openglm convert` it"
+    ):
+        GLMModel.from_pretrained(out)
+    back = GLMForSequenceClassification.from_pretrained(convert(str(out), str(tmp_path / "head-back")))
+    original = GLMForSequenceClassification.from_pretrained(tmp_path / "head")
+    assert back.num_classes == 3 and back.pool_token == "cls"  # the checkpoint does not say; official default
+    for key, value in original.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+    assert back.pool_token != original.pool_token  # but our own directory keeps it through a conversion
+    assert (
+        GLMForSequenceClassification.from_pretrained(
+            convert(str(tmp_path / "head"), str(tmp_path / "head-copy"))
+        ).pool_token
+        == "start"
+    )
+
+    for kind in ("lstm", "mlp"):
+        GLMWithPrompts(GLMModel(config), PromptEncoder(3, 64, kind), 1).save_pretrained(tmp_path / kind)
+        original = GLMWithPrompts.from_pretrained(tmp_path / kind)
+        official = export(str(tmp_path / kind), str(tmp_path / f"{kind}-official"), "official")
+        module = torch.load(official / "release/mp_rank_00_model_states.pt", weights_only=True)["module"]
+        assert module["prompt_spell.spell_embeddings.weight"].shape == (3, 64)
+        assert f"prompt_spell.{kind}_head.{'weight_ih_l0' if kind == 'lstm' else '0.weight'}" in module
+        hub = export(str(tmp_path / kind), str(tmp_path / f"{kind}-hf"))
+        settings = json.loads((hub / "config.json").read_text())
+        assert (settings["spell_length"], settings["spell_func"]) == (3, kind)
+        for source in (official, hub):
+            back = GLMWithPrompts.from_pretrained(
+                convert(str(source), str(tmp_path / f"{kind}-{source.name}-back"))
+            )
+            assert back.encoder.kind == kind and back.prefix_tokens == 0  # --prefix-prompt is a run flag
+            for key, value in original.state_dict().items():
+                assert torch.equal(back.state_dict()[key], value), (source.name, key)
+
+
+def test_a_classifier_head_is_left_out_of_a_hugging_face_export(tmp_path, caplog):
+    from openglm.convert import export
+    from openglm.tasks.classifier import GLMForSequenceClassification
+
+    GLMForSequenceClassification(GLMModel(GLMConfig.from_name("tiny")), 2).save_pretrained(tmp_path / "head")
+    with caplog.at_level("WARNING"):
+        out = export(str(tmp_path / "head"), str(tmp_path / "hf"))
+    assert "holds a classifier head, which the Hugging Face GLM has not" in caplog.text
+    weights = torch.load(out / "pytorch_model.bin", weights_only=True)
+    assert "word_embeddings.weight" in weights and not any(k.startswith("pool_layer") for k in weights)

@@ -8,6 +8,7 @@ merge rules below are the one place that knows how official shards were split.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -316,6 +317,12 @@ def apply_state_dict(model: torch.nn.Module, state: Mapping[str, Tensor], source
     """
     own = model.state_dict()
     unknown = sorted(set(state) - set(own))
+    if unknown and all(k.startswith((*_HEAD_PREFIXES, _PROMPT_PREFIX)) for k in unknown):
+        what = "a prompt encoder" if unknown[0].startswith(_PROMPT_PREFIX) else "a classifier head"
+        raise CheckpointError(
+            f"{source}: holds {what} besides the GLM ({unknown[0]!r}); `openglm convert` it into a fine-tuned "
+            "directory first"
+        )
     if unknown:
         raise CheckpointError(
             f"{source}: unknown key {unknown[0]!r}"
@@ -368,6 +375,109 @@ def save_checkpoint(model: torch.nn.Module, directory: str | os.PathLike) -> Non
     save_file(state, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, directory / WEIGHTS_NAME)
     model.config.save(directory / CONFIG_NAME)
+
+
+# Fine-tuned checkpoints (spec F.2): a classifier head next to a `model.`-prefixed backbone, or a P-tuning
+# prompt encoder (`prompt_spell.*`) next to the backbone's own keys. Our directories keep them in side files.
+_HEAD_PREFIXES = ("pool_layer.", "multichoice_head.")
+_PROMPT_PREFIX = "prompt_spell."
+_PROMPT_NAMES = (("embeddings.", "spell_embeddings."), ("lstm.", "lstm_head."), ("mlp.", "mlp_head."))
+
+
+def prompt_keys_to_official(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Our `PromptEncoder` keys (embeddings / lstm / mlp) as the official `prompt_spell.*` keys."""
+    out = {}
+    for key, value in state.items():
+        ours, theirs = next((o, t) for o, t in _PROMPT_NAMES if key.startswith(o))
+        out[_PROMPT_PREFIX + theirs + key[len(ours) :]] = value
+    return out
+
+
+def _prompt_keys_from_official(state: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
+    out = {}
+    for key, value in state.items():
+        rest = key[len(_PROMPT_PREFIX) :]
+        match = next(((o, t) for o, t in _PROMPT_NAMES if rest.startswith(t)), None)
+        if match is None:
+            raise CheckpointError(f"{source}: unknown prompt encoder key {key!r}")
+        out[match[0] + rest[len(match[1]) :]] = value
+    return out
+
+
+@dataclasses.dataclass
+class FineTunedParts:
+    """What a checkpoint holds beyond the GLM: a classifier head (official names) and/or a prompt encoder
+    (our `PromptEncoder` names, with its settings)."""
+
+    head: dict[str, Tensor]
+    prompt: dict[str, Tensor]
+    pool_token: str = "cls"
+    head_dropout: float | None = None  # None: the backbone's output dropout, as the official head has
+    prefix_tokens: int = 0
+
+    @property
+    def prompt_encoder(self) -> str:
+        if any(k.startswith("lstm.") for k in self.prompt):
+            return "lstm"
+        return "mlp" if any(k.startswith("mlp.") for k in self.prompt) else "none"
+
+
+def split_fine_tuned(
+    state: dict[str, Tensor], path: Path, source: str
+) -> tuple[dict[str, Tensor], FineTunedParts]:
+    """Take a classifier head and a prompt encoder out of a state dict (official / Hugging Face keys), or read
+    them from our directory's side files; returns the GLM's own state and the parts."""
+    from openglm.ptuning import PROMPT_WEIGHTS, prompt_settings
+    from openglm.tasks.classifier import HEAD_CONFIG, HEAD_WEIGHTS
+
+    head = {k: state.pop(k) for k in list(state) if k.startswith(_HEAD_PREFIXES)}
+    prompt = _prompt_keys_from_official(
+        {k: state.pop(k) for k in list(state) if k.startswith(_PROMPT_PREFIX)}, source
+    )
+    parts = FineTunedParts(head, prompt)
+    folder = path if path.is_dir() else path.parent
+    if (folder / HEAD_CONFIG).is_file():  # ours
+        meta = _read_config_json(folder / HEAD_CONFIG)
+        parts.head, parts.pool_token = _safetensors_load(folder / HEAD_WEIGHTS), meta.get("pool_token", "cls")
+        parts.head_dropout = meta.get("dropout")
+    elif parts.head and (folder / CONFIG_NAME).is_file():  # a Hugging Face config names the pool token
+        pool = _read_config_json(folder / CONFIG_NAME).get("pool_token")
+        parts.pool_token = pool if isinstance(pool, str) else "cls"
+    settings = prompt_settings(folder)
+    if settings is not None:  # ours
+        parts.prompt, parts.prefix_tokens = (
+            _safetensors_load(folder / PROMPT_WEIGHTS),
+            settings["prefix_tokens"],
+        )
+    if parts.head and parts.prompt:
+        raise CheckpointError(
+            f"{source}: holds both a classifier head and a prompt encoder; one of them only"
+        )
+    if parts.head and set(parts.head) != {f"{p}{w}" for p in _HEAD_PREFIXES for w in ("weight", "bias")}:
+        raise CheckpointError(f"{source}: an incomplete classifier head ({', '.join(sorted(parts.head))})")
+    return state, parts
+
+
+def save_fine_tuned(model: torch.nn.Module, parts: FineTunedParts, directory: Path) -> None:
+    """Write the GLM and its parts as our directories hold them: a classifier-head directory, a P-tuning
+    directory, or a plain model directory."""
+    from openglm.ptuning import GLMWithPrompts, PromptEncoder
+    from openglm.tasks.classifier import GLMForSequenceClassification
+
+    if parts.head:
+        classes = parts.head["multichoice_head.weight"].shape[0]
+        wrapped = GLMForSequenceClassification(model, classes, parts.pool_token, parts.head_dropout)
+        apply_state_dict(wrapped, {**{f"model.{k}": v for k, v in model.state_dict().items()}, **parts.head})
+        wrapped.save_pretrained(directory)
+    elif parts.prompt:
+        rows, width = parts.prompt["embeddings.weight"].shape
+        encoder = PromptEncoder(rows, width, parts.prompt_encoder)
+        apply_state_dict(encoder, parts.prompt, source="prompt encoder")
+        GLMWithPrompts(
+            model, encoder.to(next(model.parameters()).dtype), parts.prefix_tokens
+        ).save_pretrained(directory)
+    else:
+        save_checkpoint(model, directory)
 
 
 # Hugging Face hub GLM tokenizer classes (`tokenizer_class` in tokenizer_config.json) -> our kind, vocab file.
@@ -439,6 +549,22 @@ def find_tokenizer(src: Path, config: GLMConfig | None):
     return hf_tokenizer(src, cls, config, settings)
 
 
+def _load_fine_tuned(src: str, model_config: str | None, dtype: str | None):
+    """The GLM of any checkpoint plus what it holds beyond it (`FineTunedParts`), cast to `dtype`."""
+    from openglm.model import GLMModel
+
+    config, state = load_checkpoint(Path(src), model_config)
+    state, parts = split_fine_tuned(state, Path(src), src)
+    model = GLMModel(config)
+    apply_state_dict(model, state, source=src)
+    if dtype:
+        cast = WEIGHT_DTYPES[dtype]
+        model = model.to(cast)
+        parts.head = {k: v.to(cast) for k, v in parts.head.items()}
+        parts.prompt = {k: v.to(cast) for k, v in parts.prompt.items()}
+    return model, parts
+
+
 def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
     if dst.exists() and not dst.is_dir():
         raise ValueError(f"{dst}: exists and is not a directory; name a new output directory")
@@ -479,15 +605,12 @@ def convert(
     Returns:
         The output directory.
     """
-    from openglm.model import GLMModel
     from openglm.tokenizer import GLMTokenizer
 
     if dtype is not None and dtype not in WEIGHT_DTYPES:
         raise ValueError(f"dtype={dtype!r}; expected one of {list(WEIGHT_DTYPES)}")
     _check_destination(Path(src), Path(dst), overwrite)
-    model = GLMModel.from_pretrained(
-        src, config=model_config, dtype=WEIGHT_DTYPES.get(dtype) if dtype else None
-    )
+    model, parts = _load_fine_tuned(src, model_config, dtype)
     tok = GLMTokenizer.from_spec(tokenizer) if tokenizer else find_tokenizer(Path(src), model.config)
     if tok is not None and tok.num_tokens > model.config.vocab_size:
         raise ValueError(
@@ -495,7 +618,7 @@ def convert(
         )
 
     def write(directory: Path) -> None:
-        save_checkpoint(model, directory)
+        save_fine_tuned(model, parts, directory)
         if tok is not None:
             tok.save_pretrained(directory)
 
@@ -650,10 +773,6 @@ def export(
     Returns:
         The output directory.
     """
-    from openglm.model import GLMModel
-    from openglm.ptuning import PROMPT_WEIGHTS
-    from openglm.tasks.classifier import HEAD_WEIGHTS
-
     if format not in EXPORT_FORMATS:
         raise ValueError(f"format={format!r}; expected one of {list(EXPORT_FORMATS)}")
     if isinstance(model_parallel, bool) or not isinstance(model_parallel, int) or model_parallel < 1:
@@ -663,9 +782,7 @@ def export(
     if dtype is not None and dtype not in WEIGHT_DTYPES:
         raise ValueError(f"dtype={dtype!r}; expected one of {list(WEIGHT_DTYPES)}")
     _check_destination(Path(model), Path(dst), overwrite)
-    glm = GLMModel.from_pretrained(
-        model, config=model_config, dtype=WEIGHT_DTYPES.get(dtype) if dtype else None
-    )
+    glm, parts = _load_fine_tuned(model, model_config, dtype)
     config = glm.config
     _check_exportable(config, format)
     heads = config.num_attention_heads
@@ -673,11 +790,19 @@ def export(
         raise ValueError(f"model_parallel={model_parallel} does not divide the {heads} attention heads")
     state = {k: v.detach().contiguous().cpu() for k, v in glm.state_dict().items()}
     shards = split_model_parallel(state, model_parallel, source=model)
+    # Fine-tuned parts are not model-parallel in the official code: every shard holds all of them. A
+    # classifier's backbone keys take the `model.` prefix of the official GLMForSequenceClassification.
+    if parts.head and format == "hf":
+        log.warning("%s holds a classifier head, which the Hugging Face GLM has not; it is left out", model)
+    elif parts.head:
+        shards = [{**{f"model.{k}": v for k, v in shard.items()}, **parts.head} for shard in shards]
+    if parts.prompt:
+        shards = [{**shard, **prompt_keys_to_official(parts.prompt)} for shard in shards]
+        if parts.prefix_tokens:
+            log.info(
+                "%d of the prompt tokens go before Part A (the official --prefix-prompt)", parts.prefix_tokens
+            )
     tok = find_tokenizer(Path(model), config)
-    # Fine-tuned directories can hold more than the GLM; the export carries the GLM only.
-    extra = [name for name in (HEAD_WEIGHTS, PROMPT_WEIGHTS) if (Path(model) / name).is_file()]
-    if extra:
-        log.warning("%s also holds %s, which the export leaves out (the GLM only)", model, ", ".join(extra))
     weights_dtype = next(iter(state.values())).dtype
 
     def write(directory: Path) -> None:
@@ -693,7 +818,12 @@ def export(
                 tok.save_pretrained(directory)
         else:
             torch.save(shards[0], directory / "pytorch_model.bin")
-            text = json.dumps(hf_config_dict(config, weights_dtype), indent=2) + "\n"
+            hub = hf_config_dict(config, weights_dtype)
+            if parts.prompt:  # the hub GLMModel builds its prompt_spell from these
+                hub.update(
+                    spell_length=parts.prompt["embeddings.weight"].shape[0], spell_func=parts.prompt_encoder
+                )
+            text = json.dumps(hub, indent=2) + "\n"
             (directory / CONFIG_NAME).write_text(text, encoding="utf-8")
             if tok is not None:
                 _write_hf_tokenizer(tok, config, directory, dst)
