@@ -601,3 +601,18 @@ def test_a_classifier_head_is_left_out_of_a_hugging_face_export(tmp_path, caplog
     assert "holds a classifier head, which the Hugging Face GLM has not" in caplog.text
     weights = torch.load(out / "pytorch_model.bin", weights_only=True)
     assert "word_embeddings.weight" in weights and not any(k.startswith("pool_layer") for k in weights)
+
+
+def test_hub_export_gives_glm_10b_chinese_its_gmask_row():
+    """The official HF conversion copies eop's row (50007) to 50009, the hub's gMASK, and bans 50009 (I.6)."""
+    from openglm.convert import hub_state
+
+    state = {"word_embeddings.weight": torch.randn(50048, 2), "x": torch.zeros(1)}
+    out, fields = hub_state(state, GLMConfig.from_name("glm-10b-chinese"))
+    assert torch.equal(out["word_embeddings.weight"][50009], state["word_embeddings.weight"][50007])
+    assert torch.equal(out["word_embeddings.weight"][:50009], state["word_embeddings.weight"][:50009])
+    assert fields == {"bad_words_id": [50009]} and out["x"] is state["x"]
+    assert not torch.equal(state["word_embeddings.weight"][50009], out["word_embeddings.weight"][50009])
+    for name in ("glm-large-chinese", "glm-10b"):  # every other model goes out as it is
+        same, none = hub_state(state, GLMConfig.from_name(name))
+        assert none == {} and same["word_embeddings.weight"] is state["word_embeddings.weight"]

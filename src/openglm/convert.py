@@ -702,6 +702,25 @@ def hf_config_dict(config: GLMConfig, dtype: torch.dtype) -> dict:
     }
 
 
+# GLM-10B-Chinese gives gMASK and eop one id (50007); on the hub gMASK is 50009, a copy of eop's row made by
+# the official HF conversion (over the pretraining [dBLOCK] row), and the hub config bans 50009 in generation.
+_HUB_GMASK_ROW = {"glm-10b-chinese": (50007, 50009)}
+
+
+def hub_state(state: Mapping[str, Tensor], config: GLMConfig) -> tuple[dict[str, Tensor], dict]:
+    """The state dict and extra config fields of a Hugging Face export, as the official HF conversion makes
+    them (spec F.5, pitfall I.6): for GLM-10B-Chinese's architecture, row 50007 of the word embeddings is
+    copied into row 50009 and `bad_words_id` bans 50009."""
+    name = released_model(config, "chinese-sp")  # GLM-10B has the same shape: the vocabulary tells them apart
+    rows = _HUB_GMASK_ROW.get(name or "")
+    if rows is None or GLMConfig.from_name(name).vocab_size != config.vocab_size:
+        return dict(state), {}
+    source, target = rows
+    embeddings = state["word_embeddings.weight"].clone()
+    embeddings[target] = embeddings[source]
+    return {**state, "word_embeddings.weight": embeddings}, {"bad_words_id": [target]}
+
+
 def _check_exportable(config: GLMConfig, fmt: str) -> None:
     """Refuse architectures the official code (and the HF remote code built from it) cannot run."""
     if config.norm_scheme != "pre_ln":
@@ -817,8 +836,9 @@ def export(
             if tok is not None:
                 tok.save_pretrained(directory)
         else:
-            torch.save(shards[0], directory / "pytorch_model.bin")
-            hub = hf_config_dict(config, weights_dtype)
+            weights, extra_fields = hub_state(shards[0], config)
+            torch.save(weights, directory / "pytorch_model.bin")
+            hub = {**hf_config_dict(config, weights_dtype), **extra_fields}
             if parts.prompt:  # the hub GLMModel builds its prompt_spell from these
                 hub.update(
                     spell_length=parts.prompt["embeddings.weight"].shape[0], spell_func=parts.prompt_encoder
