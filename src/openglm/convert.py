@@ -849,4 +849,6 @@ def export(
                 _write_hf_tokenizer(tok, config, directory, dst)
 
     replace_directory(dst, write)
+    if tok is None:
+        log.warning("%s carries no tokenizer: %s holds the model only", model, dst)
     return Path(dst)
