@@ -588,6 +588,8 @@ def convert(
 
     The tokenizer travels with the weights, so that the directory works on its own (`openglm infill DIR`):
     a Hugging Face directory's GLM tokenizer is converted with the official ids, or `tokenizer` names one.
+    A fine-tuned checkpoint's classifier head or P-tuning prompt encoder (official key names, spec F.2) makes
+    the output a classifier or P-tuning directory, which `openglm eval` reads.
 
     Args:
         src: checkpoint directory (official: holds latest_checkpointed_iteration.txt, and may hold the
