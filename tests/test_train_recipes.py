@@ -86,9 +86,9 @@ def test_tiny_recipe_runs_on_real_shards_and_plots(tmp_path):
     from openglm.tokenizer import GLMTokenizer
 
     # The demo's first-token / later-token split is of the very batches the run validated on.
-    from openglm.train.demo import token_blank_losses
+    from openglm.train.demo import held_out_blank_losses
 
-    blanks = token_blank_losses(
+    blanks = held_out_blank_losses(
         GLMModel.from_pretrained(model_dir),
         GLMTokenizer.from_pretrained(model_dir),
         tmp_path / "shards",

@@ -206,28 +206,21 @@ def resolve_recipe(recipe: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"{recipe}: recipe not found (looked for {' and '.join(map(str, tried))})")
 
 
-def token_blank_losses(model: Any, tokenizer: Any, shards: Path, args: dict[str, Any]) -> BlankLosses | None:
+def held_out_blank_losses(
+    model: Any, tokenizer: Any, shards: Path, args: dict[str, Any]
+) -> BlankLosses | None:
     """`blank_token_losses` on the held-out token-blank batches a pretraining run with `args` (from
     `recipe_arguments`) validated on; None when the run held out no data."""
     from openglm.blank_infilling import SpecialTokens
-    from openglm.data import ShardedCorpus, split_documents, validation_batches
+    from openglm.data import ShardedCorpus
+    from openglm.train.pretrain import held_out_batches
 
-    data = args["data"]
-    if not (0 < data.valid_fraction < 1 and data.valid_batches > 0):
-        return None
-    corpus = ShardedCorpus(shards)
-    _, valid_ids = split_documents(len(corpus), data.valid_fraction, data.seed)
-    batches = validation_batches(
-        corpus.subset(valid_ids),
-        SpecialTokens.from_tokenizer(tokenizer),
-        args["objective"],
-        seq_length=data.seq_length,
-        batch_size=args["train"].micro_batch_size,
-        num_batches=data.valid_batches,
-        seed=data.seed,
-        modes=("token",),
+    special = SpecialTokens.from_tokenizer(tokenizer)
+    micro_batch = args["train"].micro_batch_size
+    batches = held_out_batches(
+        ShardedCorpus(shards), special, args["data"], args["objective"], micro_batch, ("token",)
     )
-    return blank_token_losses(model, batches["token"])
+    return None if batches is None else blank_token_losses(model, batches["token"])
 
 
 def _check_corpus(corpus: str, out: Path) -> None:
@@ -355,7 +348,7 @@ def demo(
         model = GLMModel.from_pretrained(summary["model_dir"]).eval()
         with torch.no_grad():
             filled = fill_blanks(model, tokenizer, list(prompts or PROMPTS), max_length=12, num_beams=4)
-        blanks = token_blank_losses(model, tokenizer, shards, args)
+        blanks = held_out_blank_losses(model, tokenizer, shards, args)
     except BaseException:  # Ctrl-C too: a half-built demo must not replace the previous one
         _restore(out, previous)
         if created:  # nothing but the marker is left in a folder this failed demo made

@@ -155,6 +155,43 @@ def check_out_dir(out_dir: str | os.PathLike, flag: str = "out_dir") -> None:
             return
 
 
+def held_out_batches(
+    corpus: Any,
+    special: Any,
+    data: DataSettings,
+    objective: ObjectiveConfig,
+    batch_size: int,
+    modes: tuple[str, ...] | None = None,
+) -> dict[str, list[dict[str, Any]]] | None:
+    """The fixed validation batches per objective of a run with these settings (its held-out documents);
+    None when the run holds out nothing.
+
+    Args:
+        corpus: the run's whole `ShardedCorpus`.
+        special: the tokenizer's `SpecialTokens`.
+        data: the run's data settings (valid_fraction, valid_batches, seq_length, seed).
+        objective: the run's objective.
+        batch_size: the run's micro-batch size.
+        modes: the objectives to build batches for (default: all three).
+    """
+    from openglm.data import split_documents, validation_batches
+
+    if not (data.valid_fraction > 0 and data.valid_batches > 0):
+        return None
+    _, valid_ids = split_documents(len(corpus), data.valid_fraction, data.seed)
+    kwargs = {"modes": modes} if modes is not None else {}
+    return validation_batches(
+        corpus.subset(valid_ids),
+        special,
+        objective,
+        seq_length=data.seq_length,
+        batch_size=batch_size,
+        num_batches=data.valid_batches,
+        seed=data.seed,
+        **kwargs,
+    )
+
+
 def existing_run(out_dir: str | os.PathLike) -> list[str]:
     """What of a previous run `out_dir` holds: checkpoints, metrics or an exported model (empty: none).
 
@@ -275,23 +312,14 @@ def _batches(data, objective, train, config, tokenizer, env) -> tuple[Any, list[
         valid = [held.batch(i) for i in range(data.valid_batches)]
         return source(data.seed), valid
     from openglm.blank_infilling import SpecialTokens
-    from openglm.data import PretrainingBatches, ShardedCorpus, split_documents, validation_batches
+    from openglm.data import PretrainingBatches, ShardedCorpus, split_documents
 
     corpus = ShardedCorpus(data.path)
     special = SpecialTokens.from_tokenizer(tokenizer)
     train_corpus, valid = corpus, []
-    if data.valid_fraction > 0 and data.valid_batches > 0:
-        train_ids, valid_ids = split_documents(len(corpus), data.valid_fraction, data.seed)
-        train_corpus = corpus.subset(train_ids)
-        per_mode = validation_batches(
-            corpus.subset(valid_ids),
-            special,
-            objective,
-            seq_length=data.seq_length,
-            batch_size=train.micro_batch_size,
-            num_batches=data.valid_batches,
-            seed=data.seed,
-        )
+    per_mode = held_out_batches(corpus, special, data, objective, train.micro_batch_size)
+    if per_mode is not None:
+        train_corpus = corpus.subset(split_documents(len(corpus), data.valid_fraction, data.seed)[0])
         # Ranks split the fixed validation batches when they divide evenly (FSDP2 forwards are collective, so
         # all ranks must run the same number); otherwise every rank evaluates all of them, and the duplicated
         # sums, reduced over ranks, leave the mean unchanged.
