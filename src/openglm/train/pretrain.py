@@ -16,7 +16,7 @@ import torch
 
 from openglm import parallel
 from openglm.atomic import replace_directory, write_text_atomic
-from openglm.blank_infilling import ObjectiveConfig
+from openglm.blank_infilling import MODES, ObjectiveConfig
 from openglm.config import GLMConfig, pad_vocab_size
 from openglm.model import GLMModel
 from openglm.train.checkpoint import latest_checkpoint, verify_checkpoint
@@ -161,7 +161,7 @@ def held_out_batches(
     data: DataSettings,
     objective: ObjectiveConfig,
     batch_size: int,
-    modes: tuple[str, ...] | None = None,
+    modes: tuple[str, ...] = MODES,
 ) -> dict[str, list[dict[str, Any]]] | None:
     """The fixed validation batches per objective of a run with these settings (its held-out documents);
     None when the run holds out nothing.
@@ -172,14 +172,13 @@ def held_out_batches(
         data: the run's data settings (valid_fraction, valid_batches, seq_length, seed).
         objective: the run's objective.
         batch_size: the run's micro-batch size.
-        modes: the objectives to build batches for (default: all three).
+        modes: the objectives to build batches for.
     """
     from openglm.data import split_documents, validation_batches
 
     if not (data.valid_fraction > 0 and data.valid_batches > 0):
         return None
     _, valid_ids = split_documents(len(corpus), data.valid_fraction, data.seed)
-    kwargs = {"modes": modes} if modes is not None else {}
     return validation_batches(
         corpus.subset(valid_ids),
         special,
@@ -188,7 +187,7 @@ def held_out_batches(
         batch_size=batch_size,
         num_batches=data.valid_batches,
         seed=data.seed,
-        **kwargs,
+        modes=modes,
     )
 
 
